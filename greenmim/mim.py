@@ -1,0 +1,173 @@
+"""Masked-image-modeling wrappers: GreenMIM (visible tokens only) and the SimMIM baseline (dense, mask token).
+
+Both take images ``[B, C, H, W]`` and return :class:`MIMOutput` with ``pred`` as per-unit pixels ``[B, L, u*u*C]``
+(``L`` mask units of ``u x u`` pixels, raster order; pixel layout ``(row, col, channel)`` inside a unit).
+"""
+from typing import NamedTuple, Optional, Union
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import build_sincos2d_pos_embed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from greenmim.masking import random_mask
+
+__all__ = ['MIMOutput', 'GreenMIM', 'SimMIM', 'patchify', 'unpatchify']
+
+
+class MIMOutput(NamedTuple):
+    """``loss``: scalar; ``pred``: ``[B, L, u*u*C]`` predicted pixels per unit; ``mask``: bool ``[Hm, Wm]``."""
+    loss: torch.Tensor
+    pred: torch.Tensor
+    mask: torch.Tensor
+
+
+def patchify(images: torch.Tensor, unit: int) -> torch.Tensor:
+    """``[B, C, H, W] -> [B, (H/u)*(W/u), u*u*C]``."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // unit, unit, w // unit, unit)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // unit) * (w // unit), unit * unit * c)
+
+
+def unpatchify(units: torch.Tensor, unit: int, grid_size) -> torch.Tensor:
+    """``[B, L, u*u*C] -> [B, C, H, W]``, the inverse of :func:`patchify`."""
+    b, _, d = units.shape
+    hm, wm = grid_size
+    c = d // (unit * unit)
+    x = units.reshape(b, hm, wm, unit, unit, c)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, hm * unit, wm * unit)
+
+
+def _create_encoder(encoder: Union[str, nn.Module], **kwargs) -> nn.Module:
+    if isinstance(encoder, str):
+        encoder = timm.create_model(encoder, num_classes=0, **kwargs)
+    elif kwargs:
+        raise ValueError(f'encoder kwargs {sorted(kwargs)} given with a model instance')
+    if not hasattr(encoder, 'forward_visible'):
+        raise ValueError(f'{type(encoder).__name__} has no forward_visible: use a green_* model')
+    return encoder
+
+
+class _MIMBase(nn.Module):
+    """Encoder, mask grid and mask sampling shared by GreenMIM and SimMIM."""
+
+    def __init__(self, encoder, mask_ratio: float, **encoder_kwargs):
+        super().__init__()
+        self.encoder = _create_encoder(encoder, **encoder_kwargs)
+        self.mask_ratio = mask_ratio
+        self.unit = self.encoder.mask_unit_size
+        h, w = self.encoder.patch_embed.img_size
+        self.grid_size = (h // self.unit, w // self.unit)
+
+    def sample_mask(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """A random bool ``[Hm, Wm]`` mask (True = visible) on the CPU."""
+        return random_mask(self.grid_size, self.mask_ratio, generator)
+
+
+class GreenMIM(_MIMBase):
+    """GreenMIM: green encoder on visible tokens + MAE-style decoder predicting the masked units' pixels.
+
+    Args:
+        encoder: a green model name (``num_classes=0`` is set) or instance with ``forward_visible``.
+        mask_ratio: fraction of mask units hidden (see :func:`greenmim.masking.num_visible` for the rounding).
+        decoder_dim, decoder_depth, decoder_heads: the decoder transformer (defaults 512, 1, 16).
+        norm_pix_loss: regress per-unit normalised pixels (mean 0, variance 1 per unit and image).
+        group_size: fixed attention group size ``g_s`` instead of the Optimal Grouping sweep.
+        **encoder_kwargs: passed to ``timm.create_model`` when ``encoder`` is a name.
+    """
+
+    def __init__(
+            self,
+            encoder: Union[str, nn.Module] = 'green_swin_base',
+            mask_ratio: float = 0.75,
+            decoder_dim: int = 512,
+            decoder_depth: int = 1,
+            decoder_heads: int = 16,
+            norm_pix_loss: bool = True,
+            group_size: Optional[int] = None,
+            **encoder_kwargs,
+    ):
+        super().__init__(encoder, mask_ratio, **encoder_kwargs)
+        self.norm_pix_loss = norm_pix_loss
+        self.group_size = group_size
+        self.decoder_embed = nn.Linear(self.encoder.num_features, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.register_buffer(
+            'decoder_pos_embed', build_sincos2d_pos_embed(list(self.grid_size), decoder_dim)[None], persistent=False)
+        self.decoder_blocks = nn.Sequential(*[
+            Block(decoder_dim, decoder_heads, mlp_ratio=4., qkv_bias=True) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, self.unit * self.unit * self.encoder.in_chans)
+        nn.init.normal_(self.mask_token, std=.02)
+
+    def no_weight_decay(self):
+        return {f'encoder.{n}' for n in self.encoder.no_weight_decay()} | {'mask_token'}
+
+    def forward_decoder(self, latent: torch.Tensor, visible_units: torch.Tensor) -> torch.Tensor:
+        """Final-stage tokens ``[B, n, C]`` at units ``visible_units [n]`` -> pixels of every unit ``[B, L, u*u*C]``."""
+        x = self.decoder_embed(latent)
+        b, _, d = x.shape
+        tokens = self.mask_token.to(x.dtype).expand(b, self.decoder_pos_embed.shape[1], d)
+        x = tokens.index_copy(1, visible_units, x) + self.decoder_pos_embed.to(x.dtype)
+        x = self.decoder_blocks(x)
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def loss(self, images: torch.Tensor, pred: torch.Tensor, masked_units: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over the masked units' (normalised) pixels."""
+        target = patchify(images, self.unit)[:, masked_units].float()
+        if self.norm_pix_loss:
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** .5
+        return F.mse_loss(pred[:, masked_units].float(), target)
+
+    def forward(
+            self,
+            images: torch.Tensor,
+            mask: Optional[torch.Tensor] = None,
+            generator: Optional[torch.Generator] = None,
+    ) -> MIMOutput:
+        """Images ``[B, C, H, W]`` -> :class:`MIMOutput`; ``mask`` (bool ``[Hm, Wm]``) is sampled when not given."""
+        mask = self.sample_mask(generator) if mask is None else mask
+        self.encoder.check_visible_input(images, mask)
+        layout = self.encoder.visible_layout(mask, images.shape[0], images.device, self.group_size)
+        latent = self.encoder.norm(self.encoder.forward_visible(images, mask, layout)[-1])
+        pred = self.forward_decoder(latent, layout[-1].token_index)
+        masked_units = torch.nonzero(~mask.cpu().flatten()).squeeze(1).to(images.device)
+        return MIMOutput(self.loss(images, pred, masked_units), pred, mask)
+
+
+class SimMIM(_MIMBase):
+    """SimMIM baseline: the dense encoder on all tokens with a learned mask token, a linear (1x1 conv + pixel
+    shuffle) decoder, and L1 loss on masked pixels. Same call and output as :class:`GreenMIM`."""
+
+    def __init__(self, encoder: Union[str, nn.Module] = 'green_swin_base', mask_ratio: float = 0.75,
+                 **encoder_kwargs):
+        super().__init__(encoder, mask_ratio, **encoder_kwargs)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.encoder.embed_dim))
+        self.decoder = nn.Conv2d(self.encoder.num_features, self.unit ** 2 * self.encoder.in_chans, kernel_size=1)
+        nn.init.trunc_normal_(self.mask_token, std=.02)
+
+    def no_weight_decay(self):
+        return {f'encoder.{n}' for n in self.encoder.no_weight_decay()} | {'mask_token'}
+
+    def forward(
+            self,
+            images: torch.Tensor,
+            mask: Optional[torch.Tensor] = None,
+            generator: Optional[torch.Generator] = None,
+    ) -> MIMOutput:
+        mask = self.sample_mask(generator) if mask is None else mask
+        self.encoder.check_visible_input(images, mask)
+        enc = self.encoder
+        x = enc.patch_embed(images)  # [B, Rh, Rw, E]
+        factor = x.shape[1] // self.grid_size[0]
+        visible = mask.to(images.device).repeat_interleave(factor, 0).repeat_interleave(factor, 1)
+        x = torch.where(visible[None, :, :, None], x, self.mask_token.to(x.dtype))
+        x = enc.norm(enc.layers(x))  # [B, Hm, Wm, C]
+        recon = F.pixel_shuffle(self.decoder(x.permute(0, 3, 1, 2)), self.unit)  # [B, C, H, W]
+        hidden = (~mask.to(images.device)).repeat_interleave(self.unit, 0).repeat_interleave(self.unit, 1)
+        l1 = (recon.float() - images.float()).abs() * hidden
+        loss = l1.sum() / (hidden.sum() * images.shape[0] * images.shape[1])
+        return MIMOutput(loss, patchify(recon, self.unit), mask)

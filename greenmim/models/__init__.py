@@ -1,0 +1,4 @@
+"""Green model families, registered in timm on import."""
+from .green_swin import GreenSwinTransformer
+
+__all__ = ['GreenSwinTransformer']

@@ -1,0 +1,25 @@
+"""greenmim.kernels: group window attention (Triton kernels and the PyTorch reference), dispatched by backend."""
+from typing import Optional, Tuple
+
+import torch
+
+from greenmim.backend import resolve_backend
+from .reference import group_window_attention_reference, relative_position_index
+
+__all__ = ['group_window_attention', 'group_window_attention_reference', 'relative_position_index']
+
+
+def group_window_attention(
+        qkv: torch.Tensor,
+        index: torch.Tensor,
+        segment: torch.Tensor,
+        position: torch.Tensor,
+        bias_table: torch.Tensor,
+        window_size: Tuple[int, int],
+        scale: float,
+        backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Group window attention ``qkv [T, 3, H, D] -> [T, H, D]``; see :func:`group_window_attention_reference`."""
+    if resolve_backend(qkv, backend) == 'triton':
+        raise NotImplementedError('the Triton group window attention kernel is not built yet')
+    return group_window_attention_reference(qkv, index, segment, position, bias_table, window_size, scale)

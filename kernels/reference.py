@@ -1,0 +1,55 @@
+"""Pure-PyTorch group window attention: the ``torch`` backend and the oracle the Triton kernels are tested against."""
+from typing import Tuple
+
+import torch
+
+__all__ = ['relative_position_index', 'group_window_attention_reference']
+
+
+def relative_position_index(position: torch.Tensor, window_size: Tuple[int, int]) -> torch.Tensor:
+    """Index into Swin's ``[(2Wh-1)(2Ww-1), heads]`` bias table for every slot pair: ``[..., S] -> [..., S, S]``."""
+    ww = window_size[1]
+    row, col = position // ww, position % ww
+    d_row = row[..., :, None] - row[..., None, :] + window_size[0] - 1
+    d_col = col[..., :, None] - col[..., None, :] + ww - 1
+    return d_row * (2 * ww - 1) + d_col
+
+
+def group_window_attention_reference(
+        qkv: torch.Tensor,
+        index: torch.Tensor,
+        segment: torch.Tensor,
+        position: torch.Tensor,
+        bias_table: torch.Tensor,
+        window_size: Tuple[int, int],
+        scale: float,
+) -> torch.Tensor:
+    """Attention inside groups of token slots with a block-diagonal (same-segment) mask and relative position bias.
+
+    Args:
+        qkv: ``[T, 3, H, D]`` projections of the ``T`` visible tokens (token order).
+        index: int ``[G, S]`` token of each slot, -1 for padding; every token occupies exactly one slot.
+        segment: int ``[G, S]`` segment of each slot; slots attend to slots of the same segment in their group.
+        position: int ``[G, S]`` in-window position ``row * Ww + col`` of each slot.
+        bias_table: ``[(2Wh-1)(2Ww-1), H]`` Swin relative position bias table.
+        window_size: ``(Wh, Ww)``.
+        scale: softmax scale applied to ``q``.
+
+    Returns:
+        ``[T, H, D]`` attention output in token order.
+    """
+    num_tokens, _, heads, dim = qkv.shape
+    valid = index >= 0
+    slots = qkv[index.clamp_min(0).long()]  # [G, S, 3, H, D]
+    q, k, v = slots.permute(2, 0, 3, 1, 4).unbind(0)  # [G, H, S, D]
+    bias = bias_table[relative_position_index(position.long(), window_size)]  # [G, S, S, H]
+    scores = (q * scale) @ k.transpose(-2, -1) + bias.permute(0, 3, 1, 2).to(q.dtype)
+    allowed = (segment[:, :, None] == segment[:, None, :]) & valid[:, None, :]
+    # padding rows attend to themselves only: finite, and dropped below
+    allowed |= torch.eye(index.shape[1], dtype=torch.bool, device=index.device) & ~valid[:, :, None]
+    scores = scores.masked_fill(~allowed[:, None], float('-inf'))
+    out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype) @ v  # [G, H, S, D]
+    flat = out.transpose(1, 2).reshape(-1, heads, dim)
+    slot_of_token = torch.empty(num_tokens, dtype=torch.long, device=index.device)
+    slot_of_token[index[valid].long()] = torch.nonzero(valid.flatten()).squeeze(1)
+    return flat[slot_of_token]
