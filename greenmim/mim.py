@@ -3,7 +3,7 @@
 Both take images ``[B, C, H, W]`` and return :class:`MIMOutput` with ``pred`` as per-unit pixels ``[B, L, u*u*C]``
 (``L`` mask units of ``u x u`` pixels, raster order; pixel layout ``(row, col, channel)`` inside a unit).
 """
-from typing import NamedTuple, Optional, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import timm
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 
 from greenmim.masking import random_mask
 
-__all__ = ['MIMOutput', 'GreenMIM', 'SimMIM', 'patchify', 'unpatchify']
+__all__ = ['MIMOutput', 'GreenMIM', 'SimMIM', 'patchify', 'unpatchify', 'split_mim_state_dict']
 
 
 class MIMOutput(NamedTuple):
@@ -38,6 +38,14 @@ def unpatchify(units: torch.Tensor, unit: int, grid_size) -> torch.Tensor:
     c = d // (unit * unit)
     x = units.reshape(b, hm, wm, unit, unit, c)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, hm * unit, wm * unit)
+
+
+def split_mim_state_dict(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """A GreenMIM/SimMIM state dict -> ``(encoder, decoder)``: the encoder's keys without ``encoder.`` (timm's
+    layout), and every other key (decoder and mask token) unchanged."""
+    encoder = {k[len('encoder.'):]: v for k, v in state_dict.items() if k.startswith('encoder.')}
+    decoder = {k: v for k, v in state_dict.items() if not k.startswith('encoder.')}
+    return encoder, decoder
 
 
 def _create_encoder(encoder: Union[str, nn.Module], **kwargs) -> nn.Module:
