@@ -6,7 +6,8 @@ shift regions of that window. Tokens attend only within their segment, so segmen
 much as possible; this repeats until every segment is assigned. ``g_s`` is swept over ``[max w_i, sum w_i]`` and
 the value minimising Eq. 8, ``n_groups(g_s) * (4 g_s C^2 + 2 g_s^2 C)`` (the cost of self-attention on ``g_s``
 tokens of width ``C``), is kept. The sweep stops early, without changing its result, once the lower bound
-``sum w_i * (4 C^2 + 2 g_s C)`` of every larger ``g_s`` exceeds the best cost found.
+``sum w_i * (4 C^2 + 2 g_s C)`` of every larger ``g_s`` exceeds the best cost found, and skips a ``g_s``
+whose ``ceil(sum w_i / g_s)`` groups alone would cost more.
 
 Packing shift *regions* rather than whole windows (the paper packs windows) gives smaller items and less padding;
 attention is unchanged because tokens of different regions never attend to each other.
@@ -32,15 +33,18 @@ Window = Tuple[int, int]
 def max_subset(sizes: Sequence[int], capacity: int) -> List[int]:
     """Indices of a subset of ``sizes`` with the largest sum not above ``capacity`` (Eq. 7).
 
-    Subset-sum DP with the reachable sums of each prefix held as the bits of an integer.
+    Subset-sum DP with the reachable sums of each prefix held as the bits of an integer; stops at the first prefix
+    that reaches ``capacity`` exactly.
     """
     limit = (1 << (capacity + 1)) - 1
     prefixes = [1]
     for w in sizes:
         prefixes.append((prefixes[-1] | (prefixes[-1] << w)) & limit)
+        if prefixes[-1] >> capacity:
+            break
     total = prefixes[-1].bit_length() - 1
     chosen = []
-    for i in range(len(sizes) - 1, -1, -1):
+    for i in range(len(prefixes) - 2, -1, -1):
         if not (prefixes[i] >> total) & 1:  # this sum needs item i
             chosen.append(i)
             total -= sizes[i]
@@ -52,13 +56,15 @@ def pack_segments(sizes: Sequence[int], group_size: int) -> List[List[int]]:
     if max(sizes) > group_size:
         raise ValueError(f'group_size {group_size} is smaller than the largest segment ({max(sizes)} tokens)')
     remaining = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    left = sum(sizes)
     groups = []
     while remaining:
-        if sum(sizes[i] for i in remaining) <= group_size:
+        if left <= group_size:
             groups.append(remaining)
             break
         picked = max_subset([sizes[i] for i in remaining], group_size)
         groups.append([remaining[j] for j in picked])
+        left -= sum(sizes[i] for i in groups[-1])
         taken = set(picked)
         remaining = [i for j, i in enumerate(remaining) if j not in taken]
     return groups
@@ -83,8 +89,11 @@ def optimal_grouping(
     total = sum(sizes)
     best, best_cost = None, None
     for g in range(max(sizes), total + 1):
-        if best_cost is not None and total * (4 * channels ** 2 + 2 * g * channels) >= best_cost:
-            break
+        if best_cost is not None:
+            if total * (4 * channels ** 2 + 2 * g * channels) >= best_cost:
+                break  # bound of this and every larger g_s
+            if grouping_cost(-(-total // g), g, channels) >= best_cost:
+                continue  # needs at least ceil(total / g_s) groups
         groups = pack_segments(sizes, g)
         cost = grouping_cost(len(groups), g, channels)
         if best_cost is None or cost < best_cost:
