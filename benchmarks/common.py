@@ -1,0 +1,51 @@
+"""What every benchmark result records: device, library versions, commit and date."""
+import datetime
+import json
+import os
+import platform
+import subprocess
+
+import timm
+import torch
+
+
+def environment() -> dict:
+    """Device, versions, git commit and UTC date of this run."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f'CPU: {_cpu_name()} ({torch.get_num_threads()} threads)'
+    return dict(
+        device=device, torch=torch.__version__, triton=triton_version, timm=timm.__version__,
+        python=platform.python_version(), commit=commit,
+        date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'),
+    )
+
+
+def _cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown'
+
+
+def write_result(path: str, result: dict) -> None:
+    """Write ``result`` (with :func:`environment` under ``env``) as JSON to ``path``."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(dict(env=environment(), **result), f, indent=2)
+        f.write('\n')
