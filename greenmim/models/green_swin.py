@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from greenmim.grouping import AttentionLayout, StageLayout, StageSpec, build_visible_layout
+from greenmim.hub.manifest import Release, load_manifest
 from greenmim.kernels import group_window_attention
 from greenmim.masking import check_mask
 
@@ -134,7 +135,8 @@ class GreenSwinTransformer(SwinTransformer):
                 x = self._embed_visible(x, stage_layout)
             else:
                 merge = stage.downsample
-                x = merge.reduction(merge.norm(x[:, stage_layout.merge_index].flatten(2)))
+                children = x.index_select(1, stage_layout.merge_index.flatten())  # [B, 4N, C], x00 x10 x01 x11
+                x = merge.reduction(merge.norm(children.view(x.shape[0], -1, 4 * x.shape[-1])))
             for block in stage.blocks:
                 if stage.grad_checkpointing and torch.is_grad_enabled():
                     x = checkpoint(self._block_visible, block, x, stage_layout, use_reentrant=False)
@@ -154,8 +156,10 @@ def _create_green_swin(variant: str, pretrained: bool = False, **kwargs) -> Gree
         **kwargs)
 
 
-def _cfg(**kwargs):
-    return {
+def _cfg(release: Optional[Release] = None, **kwargs):
+    """timm pretrained cfg. A weights source (the release's full hub id) is set only for a published release,
+    so ``pretrained=True`` on a tag without weights fails at once with timm's "No pretrained weights exist"."""
+    cfg = {
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
@@ -163,10 +167,23 @@ def _cfg(**kwargs):
         'license': 'apache-2.0', 'paper_ids': 'arXiv:2205.13515',
         'paper_name': 'Green Hierarchical Vision Transformer for Masked Image Modeling', **kwargs,
     }
+    if release is not None:
+        status = () if release.published else (
+            f'NOT YET PUBLISHED: no weights at {release.hub_id} yet. {release.notes}'.strip(),)
+        cfg.update(
+            hf_hub_id=release.hub_id if release.published else None,
+            license=release.license,
+            notes=status + tuple(f'{step}: {how}' for step, how in release.recipe.items()),
+        )
+    return cfg
 
 
+_RELEASES = load_manifest()
+
+# the fine-tuned classifier is the default tag ('*'), whether or not weights are published yet
 default_cfgs = generate_default_cfgs({
-    f'green_swin_{size}.{tag}': _cfg(num_classes=1000 if tag.endswith('ft_in1k') else 0)
+    f'green_swin_{size}.{tag}{"*" if tag.endswith("_ft_in1k") else ""}': _cfg(
+        _RELEASES.get(f'green_swin_{size}.{tag}'), num_classes=1000 if tag.endswith('_ft_in1k') else 0)
     for size in ('tiny', 'small', 'base', 'large') for tag in ('mim_in1k_ft_in1k', 'mim_in1k')
 })
 
