@@ -40,16 +40,18 @@ def group_window_attention_reference(
     """
     num_tokens, _, heads, dim = qkv.shape
     valid = index >= 0
-    slots = qkv[index.clamp_min(0).long()]  # [G, S, 3, H, D]
+    groups, size = index.shape
+    slots = qkv.index_select(0, index.clamp_min(0).flatten().long()).view(groups, size, 3, heads, dim)
     q, k, v = slots.permute(2, 0, 3, 1, 4).unbind(0)  # [G, H, S, D]
-    bias = bias_table[relative_position_index(position.long(), window_size)]  # [G, S, S, H]
+    rel = relative_position_index(position.long(), window_size)
+    bias = bias_table.index_select(0, rel.flatten()).view(groups, size, size, -1)  # [G, S, S, H]
     scores = (q * scale) @ k.transpose(-2, -1) + bias.permute(0, 3, 1, 2).to(q.dtype)
     allowed = (segment[:, :, None] == segment[:, None, :]) & valid[:, None, :]
     # padding rows attend to themselves only: finite, and dropped below
-    allowed |= torch.eye(index.shape[1], dtype=torch.bool, device=index.device) & ~valid[:, :, None]
+    allowed |= torch.eye(size, dtype=torch.bool, device=index.device) & ~valid[:, :, None]
     scores = scores.masked_fill(~allowed[:, None], float('-inf'))
     out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype) @ v  # [G, H, S, D]
     flat = out.transpose(1, 2).reshape(-1, heads, dim)
     slot_of_token = torch.empty(num_tokens, dtype=torch.long, device=index.device)
     slot_of_token[index[valid].long()] = torch.nonzero(valid.flatten()).squeeze(1)
-    return flat[slot_of_token]
+    return flat.index_select(0, slot_of_token)
