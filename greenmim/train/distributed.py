@@ -1,0 +1,58 @@
+"""Process-group setup from the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ...).
+
+NCCL on CUDA, gloo on the CPU. Without ``WORLD_SIZE > 1`` in the environment everything runs in one process.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ['DistInfo', 'init_distributed', 'all_reduce_sum', 'all_gather_objects']
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = 'auto') -> DistInfo:
+    """Join the process group described by the environment (if any) and pick this rank's device."""
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cuda':
+        torch.cuda.set_device(local_rank)
+        device = f'cuda:{local_rank}'
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if str(device).startswith('cuda') else 'gloo')
+    return DistInfo(rank, world_size, local_rank, torch.device(device))
+
+
+def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum of ``values`` over ranks (``values`` itself in one process)."""
+    if info.distributed:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def all_gather_objects(obj, info: DistInfo) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]``."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
