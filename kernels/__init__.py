@@ -4,9 +4,13 @@ from typing import Optional, Tuple
 import torch
 
 from greenmim.backend import resolve_backend
+from .group_attention_op import group_window_attention_triton
 from .reference import group_window_attention_reference, relative_position_index
 
-__all__ = ['group_window_attention', 'group_window_attention_reference', 'relative_position_index']
+__all__ = [
+    'group_window_attention', 'group_window_attention_reference', 'group_window_attention_triton',
+    'relative_position_index',
+]
 
 
 def group_window_attention(
@@ -21,5 +25,5 @@ def group_window_attention(
 ) -> torch.Tensor:
     """Group window attention ``qkv [T, 3, H, D] -> [T, H, D]``; see :func:`group_window_attention_reference`."""
     if resolve_backend(qkv, backend) == 'triton':
-        raise NotImplementedError('the Triton group window attention kernel is not built yet')
+        return group_window_attention_triton(qkv, index, segment, position, bias_table, window_size, scale)
     return group_window_attention_reference(qkv, index, segment, position, bias_table, window_size, scale)

@@ -1,0 +1,154 @@
+"""Group window attention as ``torch.library`` custom ops backed by the Triton kernels.
+
+``greenmim::group_window_attention`` (forward: output and log-sum-exp) and
+``greenmim::group_window_attention_backward`` (``dqkv`` and the bias-table gradient) have fake implementations and
+registered autograd, so ``torch.compile`` traces them without graph breaks. The Triton module
+(:mod:`greenmim.kernels.group_attention`) is imported on the first launch.
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ['group_window_attention_triton', 'check_group_attention_inputs']
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_HEAD_DIM = 128
+
+
+def check_group_attention_inputs(
+        qkv: torch.Tensor,
+        index: torch.Tensor,
+        segment: torch.Tensor,
+        position: torch.Tensor,
+        bias_table: torch.Tensor,
+        window_size: Tuple[int, int],
+) -> None:
+    """Raise ``ValueError`` naming the problem unless the arguments suit the kernels (see the reference)."""
+    if qkv.ndim != 4 or qkv.shape[1] != 3:
+        raise ValueError(f'qkv must be [T, 3, H, D], got {tuple(qkv.shape)}')
+    if qkv.dtype not in _DTYPES:
+        raise ValueError(f'qkv must be one of {_DTYPES}, got {qkv.dtype}')
+    if qkv.shape[-1] > _MAX_HEAD_DIM:
+        raise ValueError(f'head_dim {qkv.shape[-1]} is above the supported {_MAX_HEAD_DIM}')
+    for name, t in (('index', index), ('segment', segment), ('position', position)):
+        if t.dtype != torch.int32 or t.ndim != 2:
+            raise ValueError(f'{name} must be an int32 [G, S] tensor, got {t.dtype} {tuple(t.shape)}')
+        if t.shape != index.shape:
+            raise ValueError(f'{name} has shape {tuple(t.shape)}, index has {tuple(index.shape)}')
+    wh, ww = window_size
+    if (2 * wh - 1) * (2 * ww - 1) != bias_table.shape[0] or bias_table.ndim != 2 or bias_table.shape[1] != qkv.shape[2]:
+        raise ValueError(
+            f'bias_table must be [(2*{wh}-1)*(2*{ww}-1), H={qkv.shape[2]}] = '
+            f'[{(2 * wh - 1) * (2 * ww - 1)}, {qkv.shape[2]}], got {tuple(bias_table.shape)}')
+    if not bias_table.is_floating_point():
+        raise ValueError(f'bias_table must be floating point, got {bias_table.dtype}')
+    devices = {t.device for t in (qkv, index, segment, position, bias_table)}
+    if len(devices) != 1:
+        raise ValueError(f'all tensors must be on one device, got {sorted(map(str, devices))}')
+    if not qkv.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
+        raise ValueError('the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors')
+
+
+def _kernels(qkv: torch.Tensor):
+    """The Triton module, imported on the first launch; raises if it was compiled and ``qkv`` is on the CPU."""
+    from . import group_attention
+    if not group_attention.INTERPRETED and not qkv.is_cuda:
+        raise RuntimeError(
+            'the Triton kernels were compiled for CUDA in this process (TRITON_INTERPRET was not 1 when triton was '
+            f'imported) and cannot run on {qkv.device} tensors')
+    return group_attention
+
+
+@torch.library.custom_op('greenmim::group_window_attention', mutates_args=())
+def _forward_op(
+        qkv: torch.Tensor,
+        index: torch.Tensor,
+        segment: torch.Tensor,
+        position: torch.Tensor,
+        bias_table: torch.Tensor,
+        window_h: int,
+        window_w: int,
+        scale: float,
+        deterministic: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out [T, H, D], lse [G, H, S] fp32)``; ``deterministic`` selects the backward's bias-gradient mode."""
+    return _kernels(qkv).group_attention_forward(
+        qkv, index, segment, position, bias_table, (window_h, window_w), scale)
+
+
+@_forward_op.register_fake
+def _(qkv, index, segment, position, bias_table, window_h, window_w, scale, deterministic):
+    num_tokens, _, heads, head_dim = qkv.shape
+    out = qkv.new_empty(num_tokens, heads, head_dim)
+    return out, qkv.new_empty(index.shape[0], heads, index.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op('greenmim::group_window_attention_backward', mutates_args=())
+def _backward_op(
+        dout: torch.Tensor,
+        qkv: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        index: torch.Tensor,
+        segment: torch.Tensor,
+        position: torch.Tensor,
+        bias_table: torch.Tensor,
+        window_h: int,
+        window_w: int,
+        scale: float,
+        deterministic: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(dqkv [T, 3, H, D], dbias [(2Wh-1)(2Ww-1), H])``."""
+    return _kernels(qkv).group_attention_backward(
+        dout, qkv, out, lse, index, segment, position, bias_table, (window_h, window_w), scale, deterministic)
+
+
+@_backward_op.register_fake
+def _(dout, qkv, out, lse, index, segment, position, bias_table, window_h, window_w, scale, deterministic):
+    return qkv.new_empty(qkv.shape), torch.empty_like(bias_table)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, index, segment, position, bias_table, window_h, window_w, scale, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, index, segment, position, bias_table, out, lse)
+    ctx.window_size = (window_h, window_w)
+    ctx.scale = scale
+    ctx.deterministic = deterministic
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    qkv, index, segment, position, bias_table, out, lse = ctx.saved_tensors
+    dqkv, dbias = _backward_op(
+        dout, qkv, out, lse, index, segment, position, bias_table, *ctx.window_size, ctx.scale, ctx.deterministic)
+    return dqkv, None, None, None, dbias, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def group_window_attention_triton(
+        qkv: torch.Tensor,
+        index: torch.Tensor,
+        segment: torch.Tensor,
+        position: torch.Tensor,
+        bias_table: torch.Tensor,
+        window_size: Tuple[int, int],
+        scale: float,
+        deterministic: Optional[bool] = None,
+) -> torch.Tensor:
+    """Group window attention ``qkv [T, 3, H, D] -> [T, H, D]`` on the Triton kernels, differentiable in ``qkv``
+    and ``bias_table``; arguments as :func:`~greenmim.kernels.reference.group_window_attention_reference`.
+
+    ``deterministic``: bitwise-reproducible bias-table gradient (no atomics); ``None`` follows
+    ``torch.are_deterministic_algorithms_enabled()``. q/k/v and their gradients never use atomics.
+    """
+    check_group_attention_inputs(qkv, index, segment, position, bias_table, window_size)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    out, _ = _forward_op(
+        qkv, index.contiguous(), segment.contiguous(), position.contiguous(), bias_table,
+        int(window_size[0]), int(window_size[1]), float(scale), bool(deterministic))
+    return out
