@@ -141,7 +141,7 @@ def pretrain(cfg: PretrainConfig) -> TrainSummary:
         return net(images, generator=mask_generator).loss
 
     preview = _preview_batch(dataset, cfg.vis_images, cfg.input_size) if info.is_main and cfg.vis_every else None
-    preview_mask = model.sample_mask(torch.Generator().manual_seed(cfg.seed))
+    preview_mask = model.sample_mask(torch.Generator().manual_seed(cfg.seed)) if preview is not None else None
     output_dir = Path(cfg.output_dir)
 
     def on_epoch_end(epoch: int) -> Dict[str, Any]:

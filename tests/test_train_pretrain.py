@@ -1,0 +1,120 @@
+"""Pre-training pipeline: checkpoints, exact resume, Ctrl-C, NaN guard, reconstructions, CLI."""
+import json
+import signal
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from greenmim.cli import main
+from greenmim.mim import GreenMIM
+from greenmim.train import NonFiniteLossError, pretrain
+from greenmim.train.checkpoint import read_training_state
+from train_fixtures import copy_photos, tiny_pretrain_config
+
+
+@pytest.fixture(scope='module')
+def photos(tmp_path_factory):
+    """8 embedded photos: 2 optimizer steps per epoch at batch size 4."""
+    return copy_photos(tmp_path_factory.mktemp('photos'), 8)
+
+
+@pytest.fixture(scope='module')
+def full_run(photos, tmp_path_factory):
+    """An uninterrupted 2-epoch (4-step) run, the reference for the resume tests."""
+    return pretrain(tiny_pretrain_config(tmp_path_factory.mktemp('full'), data=str(photos), epochs=2))
+
+
+def test_two_step_run_writes_checkpoint_log_and_reconstruction(photos, tmp_path):
+    out = tmp_path / 'run'
+    summary = pretrain(tiny_pretrain_config(out, data=str(photos), vis_every=1))
+    assert summary.steps == 2 and len(summary.losses) == 2
+    ckpt = out / 'checkpoints' / 'step-00000002'
+    assert json.loads((out / 'checkpoints' / 'last.json').read_text())['checkpoint'] == ckpt.name
+    assert json.loads((out / 'checkpoints' / 'best.json').read_text())['checkpoint'] == ckpt.name
+    with safe_open(str(ckpt / 'model.safetensors'), 'pt') as f:
+        assert f.metadata()['model'] == 'green_swin_tiny' and f.metadata()['kind'] == 'mim'
+        assert any(k.startswith('encoder.layers.') for k in f.keys()) and 'mask_token' in f.keys()
+    state = read_training_state(ckpt)
+    assert state['position'] == dict(epoch=1, micro_batch=0, step=2, world_size=1, batch_size=4, accum_iter=1)
+    assert {'optimizer', 'scheduler', 'scaler', 'rng'} <= set(state)
+    steps = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in steps if r['type'] == 'step'] == [1, 2]
+    png = out / 'reconstructions' / 'epoch-0001.png'
+    from PIL import Image
+    assert Image.open(png).size == (3 * 64 + 4 * 2, 4 * 64 + 5 * 2)  # 3 columns x 4 images, 2 px padding
+
+
+def test_resume_mid_epoch_reproduces_uninterrupted_losses_bitwise(photos, full_run, tmp_path):
+    first = pretrain(tiny_pretrain_config(tmp_path, data=str(photos), epochs=2, max_steps=3))
+    assert first.losses == full_run.losses[:3]
+    assert read_training_state(tmp_path)['position']['micro_batch'] == 1  # stopped inside epoch 1
+    resumed = pretrain(tiny_pretrain_config(tmp_path, data=str(photos), epochs=2, resume=str(tmp_path)))
+    assert resumed.steps == 4
+    assert resumed.losses == full_run.losses[3:]  # bitwise equal
+    assert full_run.losses[0] != full_run.losses[3]
+
+
+def test_ctrl_c_leaves_resumable_checkpoint(photos, full_run, tmp_path, monkeypatch):
+    calls = {'n': 0}
+    forward = GreenMIM.forward
+
+    def forward_then_ctrl_c(self, *args, **kwargs):
+        calls['n'] += 1
+        if calls['n'] == 2:
+            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C during step 2
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(GreenMIM, 'forward', forward_then_ctrl_c)
+    stopped = pretrain(tiny_pretrain_config(tmp_path, data=str(photos), epochs=2))
+    monkeypatch.setattr(GreenMIM, 'forward', forward)
+    assert stopped.interrupted and stopped.steps == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    resumed = pretrain(tiny_pretrain_config(tmp_path, data=str(photos), epochs=2, resume=str(tmp_path)))
+    assert stopped.losses + resumed.losses == full_run.losses
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(photos, tmp_path, monkeypatch):
+    pretrain(tiny_pretrain_config(tmp_path, data=str(photos)))  # epoch 0: checkpoint at step 2
+    last = (tmp_path / 'checkpoints' / 'last.json').read_text()
+    weights = (tmp_path / 'checkpoints' / 'step-00000002' / 'model.safetensors').read_bytes()
+    forward = GreenMIM.forward
+
+    def nan_forward(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        return out._replace(loss=out.loss * float('nan'))
+
+    monkeypatch.setattr(GreenMIM, 'forward', nan_forward)
+    with pytest.raises(NonFiniteLossError, match='loss is nan at step 3'):
+        pretrain(tiny_pretrain_config(tmp_path, data=str(photos), epochs=2, resume=str(tmp_path)))
+    assert (tmp_path / 'checkpoints' / 'last.json').read_text() == last
+    assert (tmp_path / 'checkpoints' / 'step-00000002' / 'model.safetensors').read_bytes() == weights
+    assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['best.json', 'last.json', 'step-00000002']
+    # the command line turns it into exit status 1
+    cfg = tiny_pretrain_config(tmp_path, data=str(photos), epochs=2, resume=str(tmp_path))
+    assert main(['pretrain', '--data', cfg.data, '--model', cfg.model, '--input-size', '64', '--decoder-dim', '32',
+                 '--model-kwargs', 'embed_dim=24', 'depths=(1,1,1,1)', 'num_heads=(1,1,2,2)', 'window_size=2',
+                 '--batch-size', '4', '--epochs', '2', '--num-workers', '0', '--vis-every', '0',
+                 '--output-dir', str(tmp_path), '--resume', str(tmp_path)]) == 1
+
+
+def test_resume_from_another_model_is_a_clear_error(photos, full_run, tmp_path):
+    cfg = tiny_pretrain_config(tmp_path, data=str(photos), resume=full_run.output_dir)
+    cfg.model_kwargs = dict(cfg.model_kwargs, embed_dim=32, num_heads=(1, 2, 2, 4))
+    with pytest.raises(ValueError, match='does not fit green_swin_tiny.*another model'):
+        pretrain(cfg)
+    cfg = tiny_pretrain_config(tmp_path, data=str(photos), resume=full_run.output_dir, model='green_swin_small')
+    with pytest.raises(ValueError, match="written for model 'green_swin_tiny', not 'green_swin_small'"):
+        pretrain(cfg)
+
+
+def test_cli_pretrain_with_grad_accumulation(photos, tmp_path):
+    assert main(['pretrain', '--data', str(photos), '--input-size', '64', '--decoder-dim', '32', '--model',
+                 'green_swin_tiny', '--model-kwargs', 'embed_dim=24', 'depths=(1,1,1,1)', 'num_heads=(1,1,2,2)',
+                 'window_size=2', '--batch-size', '2', '--accum-iter', '2', '--epochs', '1', '--num-workers', '1',
+                 '--output-dir', str(tmp_path)]) == 0
+    state = read_training_state(tmp_path)
+    assert state['position']['step'] == 2 and state['position']['accum_iter'] == 2
+    assert (tmp_path / 'reconstructions' / 'epoch-0001.png').is_file()
+    assert torch.isfinite(torch.tensor([json.loads(l)['loss'] for l in (tmp_path / 'log.jsonl').read_text().splitlines()
+                                        if '"step"' in l])).all()
