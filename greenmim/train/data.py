@@ -14,6 +14,7 @@ Augmentation randomness is seeded per sample from ``(seed, epoch, index)``: the 
 whatever the number of workers or the point a run was resumed from.
 """
 import io
+import itertools
 import os
 import random
 from contextlib import contextmanager
@@ -224,15 +225,15 @@ class HFStreamingDataset(_SampleSource, IterableDataset):
         return self.length - self.start
 
     def raw_image(self, index: int) -> Optional[Image.Image]:
-        row = next(iter(self.dataset.skip(index).take(1)))
+        row = next(itertools.islice(self.dataset, index, None))
         return _decode(row[self.image_column])
 
     def __iter__(self):
         from datasets.distributed import split_dataset_by_node
         ds = self.dataset.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
         ds.set_epoch(self.epoch)
-        ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size).skip(self.start)
-        for offset, row in enumerate(ds.take(self.length - self.start)):
+        ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
+        for offset, row in enumerate(itertools.islice(ds, self.start, self.length)):
             label = int(row[self.label_column]) if self.with_labels else -1
             yield self._prepare(row[self.image_column], label, self.rank * self.length + self.start + offset)
 
