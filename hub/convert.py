@@ -1,0 +1,204 @@
+"""Convert the authors' GreenMIM and SimMIM checkpoints to this package's layout, verified key by key.
+
+Source layouts (``{"model": {...}}``, as saved by the authors' training scripts):
+
+- ``greenmim`` (LayneH/GreenMIM, MAE-style): ``encoder.*`` (Swin), ``mask_token`` ``[1, 1, D]``, ``decoder_embed.*``,
+  ``decoder_pos_embed`` (fixed sin-cos, a parameter there; a non-persistent buffer here, so dropped),
+  ``decoder_blocks.N.*``, ``decoder_norm.*``, ``decoder_pred.*``  ->  :class:`greenmim.GreenMIM`.
+- ``simmim`` (microsoft/SimMIM): ``encoder.*`` (Swin) with ``encoder.mask_token`` ``[1, 1, E]``, and the 1x1-conv
+  decoder ``decoder.0.{weight,bias}``  ->  :class:`greenmim.SimMIM` (``mask_token`` ``[1, 1, 1, E]``, ``decoder.*``).
+- ``classifier`` (fine-tuned with SimMIM's code): the Swin keys without prefix and ``head.{weight,bias}``
+  ->  the timm classifier.
+
+The Swin keys follow Microsoft's original layout: patch merging ends a stage (``layers.{i}.downsample`` is timm's
+``layers.{i+1}.downsample``), the classifier is ``head.`` (timm: ``head.fc.``), and the buffers
+``relative_position_index`` / ``attn_mask`` are saved; timm's ``swin_transformer.checkpoint_filter_fn`` does that
+renaming. An early version of the authors' code concatenated each 2x2 neighbourhood as x00,x01,x10,x11 instead
+of Swin's x00,x10,x01,x11: ``--merge-order early`` permutes the 4C input channels of every ``downsample.norm`` and
+``downsample.reduction`` to fix such checkpoints (see docs/hub.md for how to tell).
+
+    python -m greenmim.hub.convert greenmim_swin_base.pth out.safetensors --model green_swin_base
+"""
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import safetensors.torch
+import timm
+import torch
+from timm.models.swin_transformer import checkpoint_filter_fn
+from torch import nn
+
+from .checkpoint import read_state_dict, verify_state_dict
+
+__all__ = ['KINDS', 'MERGE_ORDERS', 'detect_kind', 'swap_merge_order', 'build_target', 'convert_state_dict',
+           'add_arguments', 'run']
+
+KINDS = ('greenmim', 'simmim', 'classifier')
+MERGE_ORDERS = ('swin', 'early')
+_MERGE_KEY = re.compile(r'(.*\.)?layers\.\d+\.downsample\.(norm\.weight|norm\.bias|reduction\.weight)')
+_SWIN_ORDER_FROM_EARLY = (0, 2, 1, 3)  # Swin's x00,x10,x01,x11 taken from the early x00,x01,x10,x11
+
+
+def detect_kind(state_dict: Dict[str, torch.Tensor]) -> str:
+    """``greenmim``, ``simmim`` or ``classifier`` from the keys of a checkpoint (either layout)."""
+    if 'decoder_pred.weight' in state_dict:
+        return 'greenmim'
+    if 'decoder.0.weight' in state_dict or 'decoder.weight' in state_dict:
+        return 'simmim'
+    if any(k.startswith('encoder.') for k in state_dict):
+        raise ValueError('checkpoint has encoder.* keys but no known decoder (decoder_pred.* of GreenMIM or '
+                         'decoder.0.* of SimMIM): pass --kind explicitly if it is an encoder-only export')
+    return 'classifier'
+
+
+def swap_merge_order(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Permute the ``4C`` merged channels of every patch merging (``downsample.norm`` ``[4C]``,
+    ``downsample.reduction`` ``[2C, 4C]``) from the early x00,x01,x10,x11 order to Swin's x00,x10,x01,x11.
+
+    The permutation swaps the middle two ``C``-channel blocks, so it is its own inverse; LayerNorm statistics do
+    not depend on the channel order, so the merged output is unchanged when the input order changes to match.
+    """
+    out = dict(state_dict)
+    for k, v in state_dict.items():
+        if _MERGE_KEY.fullmatch(k):
+            blocks = v.chunk(4, dim=-1)
+            out[k] = torch.cat([blocks[i] for i in _SWIN_ORDER_FROM_EARLY], dim=-1)
+    return out
+
+
+def _mim_decoder_kwargs(state_dict: Dict[str, torch.Tensor], decoder_heads: int) -> dict:
+    """GreenMIM decoder size read off the decoder weights."""
+    depth = len({k.split('.')[1] for k in state_dict if k.startswith('decoder_blocks.')})
+    return dict(decoder_dim=state_dict['decoder_embed.weight'].shape[0], decoder_depth=depth,
+                decoder_heads=decoder_heads)
+
+
+def build_target(
+        kind: str,
+        model_name: str,
+        state_dict: Dict[str, torch.Tensor],
+        decoder_heads: int = 16,
+        **model_kwargs,
+) -> nn.Module:
+    """The model a converted ``kind`` checkpoint must fit: GreenMIM / SimMIM around ``model_name``, or the timm
+    classifier with as many classes as the checkpoint's head."""
+    from greenmim.mim import GreenMIM, SimMIM  # noqa: the package imports this module while it initialises
+    if kind == 'greenmim':
+        return GreenMIM(model_name, **_mim_decoder_kwargs(state_dict, decoder_heads), **model_kwargs)
+    if kind == 'simmim':
+        return SimMIM(model_name, **model_kwargs)
+    if kind == 'classifier':
+        head = state_dict.get('head.fc.weight', state_dict.get('head.weight'))
+        return timm.create_model(model_name, num_classes=0 if head is None else head.shape[0], **model_kwargs)
+    raise ValueError(f'kind {kind!r} is not one of {KINDS}')
+
+
+def _check_not_resized(encoder: Dict[str, torch.Tensor], model: nn.Module) -> None:
+    """timm's filter silently resamples patch embeddings and relative-position tables to another patch or window
+    size; a conversion must not (other shape differences are listed by the key-by-key check)."""
+    reference = model.state_dict()
+    for k, v in encoder.items():
+        if k not in reference or v.shape == reference[k].shape:
+            continue
+        if k == 'patch_embed.proj.weight' and v.shape[-2:] != reference[k].shape[-2:]:
+            raise ValueError(f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(reference[k].shape)}: the checkpoint '
+                             f'uses patch size {tuple(v.shape[-2:])}')
+        if k.endswith('relative_position_bias_table'):
+            window = (math.isqrt(v.shape[0]) + 1) // 2
+            raise ValueError(f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(reference[k].shape)}: the checkpoint '
+                             f'uses window_size={window} and {v.shape[1]} heads: pass them in --model-kwargs, e.g. '
+                             f'\'{{"window_size": {window}}}\'')
+
+
+def convert_state_dict(
+        state_dict: Dict[str, torch.Tensor],
+        model_name: str,
+        kind: str = 'auto',
+        merge_order: str = 'swin',
+        decoder_heads: int = 16,
+        **model_kwargs,
+) -> Tuple[Dict[str, torch.Tensor], nn.Module, List[str]]:
+    """Authors' checkpoint -> ``(state dict in this package's layout, target model, notes)``.
+
+    The state dict loads strictly into the returned target (a :class:`greenmim.GreenMIM`, :class:`greenmim.SimMIM`
+    or timm classifier built from ``model_name`` and ``model_kwargs``); every key and shape is checked, and a
+    ``ValueError`` lists missing, unexpected and mismatched keys otherwise.
+    """
+    if merge_order not in MERGE_ORDERS:
+        raise ValueError(f'merge_order {merge_order!r} is not one of {MERGE_ORDERS}')
+    kind = detect_kind(state_dict) if kind == 'auto' else kind
+    target = build_target(kind, model_name, state_dict, decoder_heads, **model_kwargs)
+    notes = []
+    if kind == 'classifier':
+        encoder, rest = dict(state_dict), {}
+    else:
+        encoder = {k[len('encoder.'):]: v for k, v in state_dict.items() if k.startswith('encoder.')}
+        rest = {k: v for k, v in state_dict.items() if not k.startswith('encoder.')}
+    encoder_model = target if kind == 'classifier' else target.encoder
+    mask_token = encoder.pop('mask_token', None)  # SimMIM keeps it inside the encoder
+    _check_not_resized(encoder, encoder_model)
+    encoder = checkpoint_filter_fn(encoder, encoder_model)
+    if merge_order == 'early':
+        encoder = swap_merge_order(encoder)
+        notes.append('patch-merging channels permuted from x00,x01,x10,x11 to x00,x10,x01,x11')
+    if kind == 'classifier':
+        converted = encoder
+    else:
+        converted = {f'encoder.{k}': v for k, v in encoder.items()}
+        if kind == 'simmim':
+            if mask_token is not None:
+                converted['mask_token'] = mask_token.reshape(1, 1, 1, -1)
+            converted.update({re.sub(r'^decoder\.0\.', 'decoder.', k): v for k, v in rest.items()})
+        else:
+            pos_embed = rest.pop('decoder_pos_embed', None)
+            if pos_embed is not None:
+                ours = target.decoder_pos_embed
+                diff = (pos_embed - ours).abs().max().item() if pos_embed.shape == ours.shape else float('nan')
+                notes.append(f'dropped decoder_pos_embed (fixed sin-cos; max |difference| from ours: {diff:.3g})')
+            converted.update(rest)
+    verify_state_dict(converted, target.state_dict(), f'{type(target).__name__} around {model_name}')
+    target.load_state_dict(converted)
+    return converted, target, notes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('checkpoint', type=Path, help="the authors' checkpoint (.pth / .safetensors)")
+    parser.add_argument('output', type=Path, help='converted .safetensors file')
+    parser.add_argument('--model', required=True, help='target timm model, e.g. green_swin_base')
+    parser.add_argument('--model-kwargs', type=json.loads, default={},
+                        help='JSON kwargs for the target model, e.g. \'{"window_size": 14}\'')
+    parser.add_argument('--kind', choices=('auto',) + KINDS, default='auto')
+    parser.add_argument('--merge-order', choices=MERGE_ORDERS, default='swin',
+                        help="'early': the checkpoint concatenated 2x2 neighbours as x00,x01,x10,x11 (see docs/hub.md)")
+    parser.add_argument('--decoder-heads', type=int, default=16, help='GreenMIM decoder heads (not in the weights)')
+
+
+def run(args: argparse.Namespace) -> int:
+    state_dict = read_state_dict(args.checkpoint)
+    converted, target, notes = convert_state_dict(
+        state_dict, args.model, args.kind, args.merge_order, args.decoder_heads, **args.model_kwargs)
+    metadata = {'format': type(target).__name__, 'model': args.model,
+                'model_kwargs': json.dumps(args.model_kwargs), 'merge_order': args.merge_order,
+                'source': args.checkpoint.name}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in converted.items()}, args.output, metadata=metadata)
+    print(f'{args.checkpoint} -> {args.output}: {len(converted)} tensors verified against '
+          f'{type(target).__name__}({args.model})')
+    for note in notes:
+        print(f'note: {note}')
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m greenmim.hub.convert', description=__doc__.split('\n')[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == '__main__':
+    sys.exit(main())

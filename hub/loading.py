@@ -1,0 +1,175 @@
+"""``timm.create_model(..., pretrained=True)`` for the green models, with errors that say what is wrong.
+
+timm already loads from the Hub (and its cache, ``HF_HUB_OFFLINE=1``), a local file
+(``pretrained_cfg_overlay=dict(file=...)``) and a local folder (``"local-dir:/path"`` as the model name, or
+``pretrained_cfg_overlay=dict(source="local-dir", file="/path")``). :func:`load_pretrained` takes the same names
+and overlays (plus ``dict(hf_hub_id="local-dir:/path")``), but resolves and reads the weights itself first so that
+a missing repository, a missing, truncated or corrupt file, a checkpoint of another architecture or a tag whose
+weights are not published yet each raise an error naming the problem.
+"""
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import safetensors
+import timm
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+from timm.models import parse_model_name
+from timm.models._hub import hf_split
+from torch import nn
+
+from .checkpoint import read_state_dict, sha256_file, verify_state_dict
+from .manifest import load_manifest
+
+__all__ = ['WEIGHTS_FILE', 'DECODER_FILE', 'load_pretrained', 'load_mim_pretrained', 'resolve_weights']
+
+WEIGHTS_FILE = 'model.safetensors'
+DECODER_FILE = 'mim_decoder.safetensors'
+_LOCAL_DIR = 'local-dir:'
+
+
+def _hub_error(error: Exception, hub_id: str, filename: str) -> FileNotFoundError:
+    """A ``huggingface_hub`` download error as a ``FileNotFoundError`` that names the problem."""
+    repo_id = hf_split(hub_id)[0]
+    if isinstance(error, LocalEntryNotFoundError):  # subclass of EntryNotFoundError: test it first
+        return FileNotFoundError(
+            f'{hub_id}/{filename} is not in the HF cache ({constants.HF_HUB_CACHE}) and the Hub at '
+            f'{constants.ENDPOINT} could not be asked (HF_HUB_OFFLINE=1 or no network)')
+    if isinstance(error, RepositoryNotFoundError):
+        return FileNotFoundError(
+            f'no repository {repo_id} (or no {filename} in it) at {constants.ENDPOINT}; check the id, or log in '
+            'if it is private')
+    return FileNotFoundError(f'repository {repo_id} at {constants.ENDPOINT} has no file {filename}')
+
+
+def _hub_file(hub_id: str, filename: str) -> Path:
+    """``hf_hub_download`` (HF cache, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``) with errors that name the problem."""
+    repo_id, revision = hf_split(hub_id)
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, library_name='timm',
+                                    library_version=timm.__version__))
+    except (RepositoryNotFoundError, EntryNotFoundError) as e:
+        raise _hub_error(e, hub_id, filename) from e
+
+
+def _release_name(pretrained_cfg: Dict[str, Any]) -> str:
+    return f'{pretrained_cfg.get("architecture")}.{pretrained_cfg.get("tag")}'
+
+
+def _not_published(pretrained_cfg: Dict[str, Any]) -> str:
+    name = _release_name(pretrained_cfg)
+    release = load_manifest().get(name)
+    if release is None or release.published:
+        return f'{name} has no pretrained weights source'
+    return (f'{name}: weights not published yet (planned at {release.hub_id}; see docs/hub.md). '
+            'Load your own file with pretrained_cfg_overlay=dict(file=...), or use pretrained=False')
+
+
+def resolve_weights(pretrained_cfg: Dict[str, Any], filename: str = WEIGHTS_FILE) -> Path:
+    """Local path of ``filename`` for a model's resolved pretrained cfg: from the Hub/HF cache (``hf_hub_id``),
+    a ``local-dir`` folder, or (for the weights file only) ``file``. Raises ``FileNotFoundError`` or
+    ``ValueError`` (no source) naming the problem."""
+    if pretrained_cfg.get('source') == 'local-dir':
+        folder = Path(pretrained_cfg['file'])
+        if not folder.is_dir():
+            raise FileNotFoundError(f'local-dir {folder} is not a directory')
+        if not (folder / filename).is_file():
+            raise FileNotFoundError(f'local-dir {folder} has no {filename} (it has: '
+                                    f'{", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"})')
+        return folder / filename
+    if pretrained_cfg.get('file'):
+        path = Path(pretrained_cfg['file'])
+        if filename != WEIGHTS_FILE:
+            path = path.with_name(filename)
+        if not path.is_file():
+            raise FileNotFoundError(f'checkpoint file {path} does not exist')
+        return path
+    if pretrained_cfg.get('hf_hub_id'):
+        return _hub_file(pretrained_cfg['hf_hub_id'], pretrained_cfg.get('hf_hub_filename') or filename)
+    raise ValueError(_not_published(pretrained_cfg))
+
+
+def _overlay(pretrained_cfg_overlay: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Accept ``hf_hub_id="local-dir:/path"`` (timm 1.0.31 would send it to the Hub) as a local folder."""
+    overlay = dict(pretrained_cfg_overlay or {})
+    hub_id = overlay.get('hf_hub_id') or ''
+    if hub_id.startswith(_LOCAL_DIR):
+        overlay.update(hf_hub_id=None, source='local-dir', file=hub_id[len(_LOCAL_DIR):])
+    return overlay or None
+
+
+def _pretrained_filter(model: nn.Module):
+    """The checkpoint filter timm applies for this model family (original-layout keys -> timm's)."""
+    from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
+    return checkpoint_filter_fn if isinstance(model, SwinTransformer) else (lambda sd, m: sd)
+
+
+def _check_published_file(pretrained_cfg: Dict[str, Any], path: Path) -> None:
+    """A file downloaded for a published release must be the file that was published."""
+    release = load_manifest().get(_release_name(pretrained_cfg))
+    if release is None or not release.published or pretrained_cfg.get('hf_hub_id') != release.hub_id:
+        return
+    digest = sha256_file(path)
+    if digest != release.sha256:
+        raise ValueError(f'{path} (sha256 {digest[:12]}...) is not the published {release.name} '
+                         f'(sha256 {release.sha256[:12]}...): delete it from the cache and download again')
+
+
+def load_pretrained(
+        model_name: str,
+        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+        **kwargs,
+) -> nn.Module:
+    """``timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=..., **kwargs)``, checked.
+
+    Args:
+        model_name: ``"green_swin_base.mim_in1k"``, ``"hf-hub:org/name"`` or ``"local-dir:/path"``.
+        pretrained_cfg_overlay: weights source override: ``dict(file=...)``, ``dict(hf_hub_id="org/name")``,
+            ``dict(hf_hub_id="local-dir:/path")`` or ``dict(source="local-dir", file="/path")``.
+        **kwargs: model kwargs, as for ``timm.create_model``.
+
+    Raises:
+        FileNotFoundError: missing repository, file or folder, or not in the cache while offline.
+        ValueError: no weights for this tag yet; truncated or corrupt file; a checkpoint that does not fit the model
+            (lists missing, unexpected and mismatched keys); a download that differs from the published sha256.
+    """
+    try:
+        model = timm.create_model(model_name, pretrained=False, pretrained_cfg_overlay=_overlay(pretrained_cfg_overlay),
+                                  **kwargs)
+    except (RepositoryNotFoundError, EntryNotFoundError) as e:  # hf-hub: names read config.json first
+        raise _hub_error(e, parse_model_name(model_name)[1], 'config.json') from e
+    cfg = model.pretrained_cfg
+    path = resolve_weights(cfg)
+    _check_published_file(cfg, path)
+    state_dict = _pretrained_filter(model)(read_state_dict(path), model)
+    reference = model.state_dict()
+    classifier = cfg.get('classifier')
+    if classifier and cfg.get('num_classes') != model.num_classes:  # adapting the head, as timm does
+        for key in (f'{classifier}.weight', f'{classifier}.bias'):
+            state_dict.pop(key, None)
+            reference.pop(key, None)
+    verify_state_dict(state_dict, reference, f'{model_name} ({type(model).__name__})')
+    model.load_state_dict(state_dict, strict=False)
+    return model
+
+
+def load_mim_pretrained(model_name: str, pretrained_cfg_overlay: Optional[Dict[str, Any]] = None, **kwargs):
+    """A :class:`greenmim.GreenMIM` / :class:`greenmim.SimMIM` (encoder and decoder) from a ``.mim_*`` release, to
+    continue pre-training: the encoder as :func:`load_pretrained`, the decoder from ``mim_decoder.safetensors``
+    beside it (same repository, folder, or the file's folder)."""
+    from greenmim.mim import GreenMIM, SimMIM
+    encoder = load_pretrained(model_name, pretrained_cfg_overlay, **kwargs)
+    path = resolve_weights(encoder.pretrained_cfg, DECODER_FILE)
+    decoder = read_state_dict(path)
+    with safetensors.safe_open(path, 'pt') as f:
+        metadata = f.metadata() or {}
+    mim_cls = {'GreenMIM': GreenMIM, 'SimMIM': SimMIM}.get(metadata.get('format'))
+    if mim_cls is None:
+        raise ValueError(f'{path}: metadata "format" is {metadata.get("format")!r}, not GreenMIM or SimMIM')
+    mim = mim_cls(encoder, **json.loads(metadata.get('kwargs', '{}')))
+    reference = {k: v for k, v in mim.state_dict().items() if not k.startswith('encoder.')}
+    verify_state_dict(decoder, reference, f'the {mim_cls.__name__} decoder for {model_name}')
+    mim.load_state_dict(decoder, strict=False)
+    return mim
+

@@ -1,0 +1,172 @@
+"""Conversion of the authors' GreenMIM / SimMIM / fine-tuned checkpoints (built here in their exact key layout)."""
+import json
+import re
+
+import pytest
+import safetensors
+import timm
+import torch
+from timm.models.swin_transformer import PatchMerging
+
+import greenmim
+from greenmim.hub import convert
+from greenmim.mim import split_mim_state_dict
+
+TINY = dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 2))
+SWIN_ORDER = ('x00', 'x10', 'x01', 'x11')  # x{row}{col} neighbours of a 2x2 merge, as Swin concatenates them
+EARLY_ORDER = ('x00', 'x01', 'x10', 'x11')  # the authors' early version
+
+
+def to_authors_swin(state_dict, model):
+    """Inverse of the conversion: a timm-layout Swin state dict in Microsoft's original layout (patch merging at
+    the end of the previous stage, ``head.``, and the ``relative_position_index`` / ``attn_mask`` buffers)."""
+    out = {}
+    for k, v in state_dict.items():
+        k = re.sub(r'^layers\.(\d+)\.downsample', lambda m: f'layers.{int(m.group(1)) - 1}.downsample', k)
+        out[k.replace('head.fc.', 'head.')] = v.clone()
+    for i, stage in enumerate(model.layers):
+        for j, block in enumerate(stage.blocks):
+            n = block.window_size[0] * block.window_size[1]
+            out[f'layers.{i}.blocks.{j}.attn.relative_position_index'] = torch.randint(0, 9, (n, n))
+            if any(block.shift_size):
+                windows = (stage.output_resolution[0] // block.window_size[0]) ** 2
+                out[f'layers.{i}.blocks.{j}.attn_mask'] = torch.zeros(windows, n, n)
+    assert 'layers.0.downsample.reduction.weight' in out and not any(k.startswith('layers.3.downsample') for k in out)
+    return out
+
+
+def authors_greenmim(mim):
+    """A GreenMIM checkpoint as LayneH/GreenMIM saves it (MAE-style)."""
+    encoder, decoder = split_mim_state_dict(mim.state_dict())
+    model = {f'encoder.{k}': v for k, v in to_authors_swin(encoder, mim.encoder).items()}
+    model.update({k: v.clone() for k, v in decoder.items()})
+    model['decoder_pos_embed'] = mim.decoder_pos_embed.clone()  # a frozen parameter there
+    return {'model': model, 'epoch': 99}
+
+
+def early_merge_weights(state_dict):
+    """Patch-merging weights for the early x00,x01,x10,x11 concatenation equivalent to Swin-order ``state_dict``,
+    derived from the neighbour names (independently of ``convert.swap_merge_order``)."""
+    out = dict(state_dict)
+    for k, v in state_dict.items():
+        if re.search(r'downsample\.(norm\.weight|norm\.bias|reduction\.weight)$', k):
+            blocks = v.chunk(4, dim=-1)
+            out[k] = torch.cat([blocks[SWIN_ORDER.index(name)] for name in EARLY_ORDER], dim=-1)
+    return out
+
+
+@pytest.fixture(scope='module')
+def green():
+    torch.manual_seed(0)
+    return greenmim.GreenMIM('green_swin_tiny', decoder_dim=32, **TINY)
+
+
+def assert_same(converted, reference):
+    assert converted.keys() == reference.keys()
+    for k, v in reference.items():
+        assert torch.equal(converted[k], v), k
+
+
+def test_greenmim_checkpoint_converts_key_for_key(green):
+    converted, target, notes = convert.convert_state_dict(authors_greenmim(green)['model'], 'green_swin_tiny', **TINY)
+    assert isinstance(target, greenmim.GreenMIM)
+    assert_same(converted, green.state_dict())
+    assert any('decoder_pos_embed' in n for n in notes)
+
+
+def test_simmim_checkpoint_converts_key_for_key():
+    torch.manual_seed(1)
+    sim = greenmim.SimMIM('green_swin_tiny', **TINY)
+    encoder, _ = split_mim_state_dict(sim.state_dict())
+    model = {f'encoder.{k}': v for k, v in to_authors_swin(encoder, sim.encoder).items()}
+    model['encoder.mask_token'] = sim.mask_token.reshape(1, 1, -1).clone()
+    model['decoder.0.weight'], model['decoder.0.bias'] = sim.decoder.weight.clone(), sim.decoder.bias.clone()
+    assert convert.detect_kind(model) == 'simmim'
+    converted, target, _ = convert.convert_state_dict(model, 'green_swin_tiny', **TINY)
+    assert isinstance(target, greenmim.SimMIM)
+    assert_same(converted, sim.state_dict())
+
+
+def test_finetuned_classifier_converts_and_predicts_the_same():
+    torch.manual_seed(2)
+    model = timm.create_model('green_swin_tiny', num_classes=10, **TINY).eval()
+    authors = to_authors_swin(model.state_dict(), model)
+    assert 'head.weight' in authors
+    converted, target, _ = convert.convert_state_dict(authors, 'green_swin_tiny', **TINY)
+    assert_same(converted, model.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    torch.testing.assert_close(target.eval()(x), model(x), rtol=0, atol=0)
+
+
+def test_early_merge_order_weights_are_what_the_early_code_computes():
+    """The early order's weights, fed the early concatenation, reproduce timm's (Swin-order) patch merging."""
+    torch.manual_seed(3)
+    merge = PatchMerging(dim=8)
+    torch.nn.init.normal_(merge.norm.weight)
+    torch.nn.init.normal_(merge.norm.bias)
+    swin = {f'layers.1.downsample.{k}': v for k, v in merge.state_dict().items()}
+    early = early_merge_weights(swin)
+    x = torch.randn(2, 6, 4, 8)  # [B, H, W, C]
+    neighbours = {f'x{r}{c}': x[:, r::2, c::2] for r in (0, 1) for c in (0, 1)}
+    concat = torch.cat([neighbours[n] for n in EARLY_ORDER], dim=-1)
+    normed = torch.nn.functional.layer_norm(
+        concat, (32,), early['layers.1.downsample.norm.weight'], early['layers.1.downsample.norm.bias'], merge.norm.eps)
+    torch.testing.assert_close(normed @ early['layers.1.downsample.reduction.weight'].T, merge(x))
+    # the conversion's permutation maps the early weights back onto Swin's
+    assert_same(convert.swap_merge_order(early), swin)
+
+
+def test_early_merge_order_checkpoint_is_fixed_by_the_option(green):
+    checkpoint = authors_greenmim(green)['model']
+    checkpoint = {f'encoder.{k}': v for k, v in early_merge_weights(
+        {k[len('encoder.'):]: v for k, v in checkpoint.items() if k.startswith('encoder.')}).items()} | {
+        k: v for k, v in checkpoint.items() if not k.startswith('encoder.')}
+    fixed, _, notes = convert.convert_state_dict(checkpoint, 'green_swin_tiny', merge_order='early', **TINY)
+    assert_same(fixed, green.state_dict())
+    assert any('permuted' in n for n in notes)
+    unfixed, _, _ = convert.convert_state_dict(checkpoint, 'green_swin_tiny', **TINY)
+    key = 'encoder.layers.1.downsample.reduction.weight'
+    assert not torch.equal(unfixed[key], green.state_dict()[key])
+
+
+def test_missing_and_unexpected_keys_are_listed(green):
+    model = authors_greenmim(green)['model']
+    del model['encoder.layers.2.blocks.0.mlp.fc1.weight']
+    model['encoder.layers.2.blocks.0.extra.weight'] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r'1 missing: encoder\.layers\.2\.blocks\.0\.mlp\.fc1\.weight.*'
+                                         r'1 unexpected: encoder\.layers\.2\.blocks\.0\.extra\.weight'):
+        convert.convert_state_dict(model, 'green_swin_tiny', **TINY)
+
+
+def test_other_size_reports_shape_mismatches(green):
+    with pytest.raises(ValueError, match=r'shape mismatch: encoder\.patch_embed\.proj\.weight: checkpoint '
+                                         r'\(16, 3, 4, 4\) vs model \(32, 3, 4, 4\)'):
+        convert.convert_state_dict(authors_greenmim(green)['model'], 'green_swin_tiny',
+                                   **dict(TINY, embed_dim=32))
+
+
+def test_other_window_size_is_refused_not_resampled():
+    model = timm.create_model('green_swin_tiny', num_classes=10, window_size=14, **TINY)
+    with pytest.raises(ValueError, match='window_size=14'):
+        convert.convert_state_dict(to_authors_swin(model.state_dict(), model), 'green_swin_tiny', **TINY)
+
+
+def test_encoder_without_decoder_needs_an_explicit_kind(green):
+    encoder_only = {k: v for k, v in authors_greenmim(green)['model'].items() if k.startswith('encoder.')}
+    with pytest.raises(ValueError, match='no known decoder'):
+        convert.convert_state_dict(encoder_only, 'green_swin_tiny', **TINY)
+
+
+def test_bad_merge_order_name():
+    with pytest.raises(ValueError, match='merge_order'):
+        convert.convert_state_dict({}, 'green_swin_tiny', merge_order='x00x01')
+
+
+def test_command_writes_a_verified_safetensors_file(green, tmp_path):
+    source = tmp_path / 'greenmim_swin_tiny.pth'
+    torch.save(authors_greenmim(green), source)
+    out = tmp_path / 'converted.safetensors'
+    assert convert.main([str(source), str(out), '--model', 'green_swin_tiny', '--model-kwargs', json.dumps(TINY)]) == 0
+    with safetensors.safe_open(out, 'pt') as f:
+        assert f.metadata()['format'] == 'GreenMIM' and f.metadata()['merge_order'] == 'swin'
+    assert_same(safetensors.torch.load_file(out), green.state_dict())
