@@ -2,6 +2,7 @@
 
 NCCL on CUDA, gloo on the CPU. Without ``WORLD_SIZE > 1`` in the environment everything runs in one process.
 """
+import io
 import os
 from dataclasses import dataclass
 
@@ -50,9 +51,12 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def all_gather_objects(obj, info: DistInfo) -> list:
-    """``[obj of rank 0, obj of rank 1, ...]``."""
+    """``[obj of rank 0, obj of rank 1, ...]`` for objects ``torch.load(weights_only=True)`` accepts (tensors
+    travel as ``torch.save`` bytes: ``all_gather_object`` cannot unpickle CPU tensors on every torch version)."""
     if not info.distributed:
         return [obj]
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     out = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
+    dist.all_gather_object(out, buffer.getvalue())
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in out]
