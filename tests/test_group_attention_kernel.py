@@ -2,9 +2,11 @@
 
 CPU tests run the kernels in Triton's interpreter, which Triton only enables when ``TRITON_INTERPRET=1`` is in the
 environment when ``triton`` is imported (it decorates its own ``tl.max``/``tl.sum`` then, and timm/torch._dynamo
-import triton early): run ``TRITON_INTERPRET=1 pytest tests/test_group_attention_kernel.py``; without it they skip.
+import triton early): tests/conftest.py sets it on machines without CUDA; without it these tests skip.
 ``@pytest.mark.gpu`` tests run the compiled kernels at Swin-B shapes and are skipped without CUDA.
 """
+import importlib.util
+import json
 import os
 
 import pytest
@@ -213,6 +215,19 @@ def test_bad_inputs_raise_value_error():
         group_window_attention_triton(torch.zeros(num_tokens, 3, 2, 256), *args[1:])
     with pytest.raises(ValueError, match='float'):
         group_window_attention_triton(qkv.double(), *args[1:])
+
+
+def test_benchmark_smoke(tmp_path):
+    path = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'bench_group_attention.py')
+    spec = importlib.util.spec_from_file_location('bench_group_attention', path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(['--smoke', '--skip-step', '--out', str(tmp_path)])
+    result = json.loads((tmp_path / 'group_attention_cpu_smoke.json').read_text())
+    row, = result['layouts']
+    assert row['ours']['max_abs_err_vs_fp32_reference'] < 1e-4 and row['ours']['fwd_bwd_ms'] > 0
+    assert row['sdpa']['max_abs_err_vs_fp32_reference'] < 1e-4 and row['flex']['max_abs_err_vs_fp32_reference'] < 1e-4
+    assert result['env']['torch'] == torch.__version__
 
 
 # ---------------------------------------------------------------------------------------------------------- GPU

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# GPU verification of the group window attention kernels, in one go, on a CUDA machine with torch/triton/timm
+# already installed:
+#     OUT=/some/dir bash benchmarks/gpu_run.sh
+# Installs the project (no dependency changes), runs the `gpu` tests (compiled kernels vs the float64 reference at
+# Swin-B shapes, bitwise-deterministic bias gradients), then the benchmark at Swin-B stage shapes (batch 128, bf16)
+# and the whole GreenMIM training step. Everything lands under $OUT (default benchmarks/results/gpu_run).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results/gpu_run}"
+mkdir -p "$OUT"
+unset TRITON_INTERPRET  # compiled kernels: the interpreter must be off when triton is imported
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python -c 'import torch, triton, timm; print("torch", torch.__version__, "triton", triton.__version__, "timm", timm.__version__)'
+  git rev-parse HEAD 2>/dev/null
+} > "$OUT/environment.txt" 2>&1
+
+python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
+install_rc=$?
+
+python -m pytest -m gpu -q -rs tests/test_group_attention_kernel.py > "$OUT/pytest_gpu.log" 2>&1
+test_rc=$?
+
+python benchmarks/bench_group_attention.py --out "$OUT" > "$OUT/bench_group_attention.log" 2>&1
+bench_rc=$?
+
+echo "install rc=$install_rc  gpu tests rc=$test_rc  benchmark rc=$bench_rc" | tee "$OUT/status.txt"
+tail -n 3 "$OUT/pytest_gpu.log"
+exit $(( install_rc || test_rc || bench_rc ))
