@@ -1,0 +1,291 @@
+"""Publishing (dry run), model cards, and loading published weights: from a file, a local folder, a real local
+Hub endpoint (olah serving a git repository, ``HF_ENDPOINT``) and the HF cache offline; and every error case."""
+import contextlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import ModelCard
+
+import greenmim
+from greenmim.hub import load_manifest, publish
+from greenmim.hub.checkpoint import sha256_file
+from greenmim.hub.loading import load_mim_pretrained, load_pretrained
+
+TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+NAME = 'green_swin_tiny.mim_in1k'
+HUB_ID = 'greenmim/green_swin_tiny.mim_in1k'
+
+
+def run_publish(*argv):
+    """``python -m greenmim.hub.publish`` in-process; returns (exit code, the printed manifest entry)."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = publish.main([str(a) for a in argv])
+    return code, json.loads(stdout.getvalue().strip().splitlines()[-1])
+
+
+@pytest.fixture(scope='module')
+def mim(tmp_path_factory):
+    """A random tiny GreenMIM, saved as a training checkpoint would be."""
+    torch.manual_seed(0)
+    model = greenmim.GreenMIM('green_swin_tiny', decoder_dim=32, decoder_heads=4, **TINY)
+    path = tmp_path_factory.mktemp('ckpt') / 'greenmim_tiny.safetensors'
+    safetensors.torch.save_file(model.state_dict(), path)
+    return model, path
+
+
+@pytest.fixture(scope='module')
+def published(mim, tmp_path_factory):
+    """The repository folder written by ``publish --dry-run`` and the manifest entry it printed."""
+    out = tmp_path_factory.mktemp('hub') / 'green_swin_tiny.mim_in1k'
+    code, entry = run_publish(mim[1], '--model', 'green_swin_tiny', '--tag', 'mim_in1k', '--out', out, '--dry-run',
+                              '--model-kwargs', json.dumps(TINY), '--decoder-heads', 4, '--source-checkpoint', 'test')
+    assert code == 0
+    return out, entry
+
+
+def reference_features(mim_model, x):
+    with torch.no_grad():
+        return mim_model.encoder.eval().forward_features(x)
+
+
+def test_publish_writes_a_timm_repository(published):
+    out, entry = published
+    assert sorted(p.name for p in out.iterdir()) == [
+        'README.md', 'config.json', 'mim_decoder.safetensors', 'model.safetensors']
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == 'green_swin_tiny' and config['num_classes'] == 0
+    assert config['model_args']['embed_dim'] == 16 and config['pretrained_cfg']['tag'] == 'mim_in1k'
+    assert not any('NOT YET PUBLISHED' in n for n in config['pretrained_cfg']['notes'])
+    assert entry['hub_id'] == HUB_ID and entry['status'] == 'not-published'  # a dry run uploads nothing
+    assert entry['sha256'] == sha256_file(out / 'model.safetensors')
+    assert entry['decoder_sha256'] == sha256_file(out / 'mim_decoder.safetensors')
+    assert not any(k.startswith(('encoder.', 'decoder_', 'mask_token'))
+                   for k in safetensors.torch.load_file(out / 'model.safetensors'))
+
+
+def test_model_card_parses_with_hub_metadata(published):
+    card = ModelCard.load(published[0] / 'README.md')
+    assert card.data.library_name == 'timm' and card.data.license == 'apache-2.0'
+    assert {'masked-image-modeling', 'timm'} <= set(card.data.tags)
+    assert card.data.datasets == ['imagenet-1k'] and card.data.metrics
+    for section in ('## Usage', '## Training recipe', '## Speed vs SimMIM', '## Citation', 'Not published yet'):
+        assert section in card.text
+    assert f'timm.create_model("{NAME}", pretrained=True)' in card.text
+
+
+def test_finetuned_card_carries_measured_metrics(tmp_path):
+    torch.manual_seed(1)
+    checkpoint = tmp_path / 'ft.safetensors'
+    safetensors.torch.save_file(timm.create_model('green_swin_tiny', **TINY).state_dict(), checkpoint)
+    metrics = tmp_path / 'metrics.json'
+    metrics.write_text(json.dumps([{'name': 'top1', 'value': 12.5, 'dataset': 'imagenet-1k/validation',
+                                    'command': 'greenmim finetune --eval-only ...'}]))
+    _, entry = run_publish(checkpoint, '--model', 'green_swin_tiny', '--tag', 'mim_in1k_ft_in1k', '--out',
+                           tmp_path / 'repo', '--dry-run', '--model-kwargs', json.dumps(TINY), '--metrics', metrics)
+    card = ModelCard.load(tmp_path / 'repo' / 'README.md')
+    assert card.data.pipeline_tag == 'image-classification'
+    assert card.data.eval_results[0].metric_value == 12.5 and entry['metrics'][0]['command']
+    assert 'mim_decoder' not in card.text and 'greenmim finetune --eval-only' in card.text
+
+
+def test_publish_refuses_bad_input(mim, published, tmp_path, monkeypatch):
+    common = ['--model', 'green_swin_tiny', '--model-kwargs', json.dumps(TINY)]
+    with pytest.raises(ValueError, match='not empty'):
+        run_publish(mim[1], *common, '--tag', 'mim_in1k', '--out', published[0], '--dry-run')
+    with pytest.raises(ValueError, match='needs a classifier checkpoint'):
+        run_publish(mim[1], *common, '--tag', 'mim_in1k_ft_in1k', '--out', tmp_path / 'a', '--dry-run')
+    with pytest.raises(ValueError, match='not in the manifest: give --repo-id'):
+        run_publish(mim[1], *common, '--tag', 'mim_in22k', '--out', tmp_path / 'b', '--dry-run')
+    monkeypatch.delenv('HF_TOKEN', raising=False)
+    with pytest.raises(ValueError, match='set HF_TOKEN'):
+        run_publish(mim[1], *common, '--tag', 'mim_in1k', '--out', tmp_path / 'c')
+
+
+def test_loads_from_file_and_local_dir(mim, published):
+    out = published[0]
+    x = torch.randn(1, 3, 224, 224)
+    expected = reference_features(mim[0], x)
+    models = [
+        timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(out / 'model.safetensors')),
+                          **TINY),
+        timm.create_model(f'local-dir:{out}', pretrained=True),
+        timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(source='local-dir', file=str(out)),
+                          **TINY),
+        load_pretrained(NAME, pretrained_cfg_overlay=dict(hf_hub_id=f'local-dir:{out}'), **TINY),
+        load_pretrained(f'local-dir:{out}'),
+    ]
+    for model in models:
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval().forward_features(x), expected, rtol=0, atol=0)
+
+
+def test_mim_decoder_roundtrip(mim, published):
+    loaded = load_mim_pretrained(f'local-dir:{published[0]}')
+    assert isinstance(loaded, greenmim.GreenMIM) and loaded.decoder_blocks[0].attn.num_heads == 4
+    for k, v in mim[0].state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_unpublished_tag_fails_at_once():
+    assert not load_manifest()[NAME].published
+    assert timm.create_model(NAME).pretrained_cfg.get('hf_hub_id') is None
+    assert timm.list_models('green_swin*', pretrained=True) == []
+    with pytest.raises(RuntimeError, match='No pretrained weights exist'):
+        timm.create_model(NAME, pretrained=True, **TINY)
+    with pytest.raises(ValueError, match=f'weights not published yet \\(planned at {HUB_ID}'):
+        load_pretrained(NAME, **TINY)
+    # the default tag is the fine-tuned classifier even without weights
+    assert timm.create_model('green_swin_tiny', **TINY).num_classes == 1000
+
+
+def test_load_errors_name_the_problem(published, tmp_path):
+    out = published[0]
+    truncated = tmp_path / 'truncated.safetensors'
+    truncated.write_bytes((out / 'model.safetensors').read_bytes()[:4000])
+    with pytest.raises(ValueError, match=r'truncated, corrupt'):
+        load_pretrained(NAME, pretrained_cfg_overlay=dict(file=str(truncated)), **TINY)
+    other = tmp_path / 'other.safetensors'
+    safetensors.torch.save_file(timm.create_model('resnet10t').state_dict(), other)
+    with pytest.raises(ValueError, match=r'does not match .*\(0/\d+ keys found\).*another architecture'):
+        load_pretrained(NAME, pretrained_cfg_overlay=dict(file=str(other)), **TINY)
+    with pytest.raises(ValueError, match=r'shape mismatch: patch_embed\.proj\.weight'):
+        load_pretrained(NAME, pretrained_cfg_overlay=dict(file=str(out / 'model.safetensors')),
+                        **dict(TINY, embed_dim=32))
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        load_pretrained(NAME, pretrained_cfg_overlay=dict(file=str(tmp_path / 'nope.safetensors')), **TINY)
+    with pytest.raises(FileNotFoundError, match='not a directory'):
+        load_pretrained(NAME, pretrained_cfg_overlay=dict(hf_hub_id=f'local-dir:{tmp_path / "nope"}'), **TINY)
+    with pytest.raises(FileNotFoundError, match='has no model.safetensors'):
+        load_pretrained(NAME, pretrained_cfg_overlay=dict(hf_hub_id=f'local-dir:{tmp_path}'), **TINY)
+
+
+# --- a real local Hub endpoint -------------------------------------------------------------------------------
+
+_CLIENT = r'''
+import json, os, sys, torch, timm, greenmim
+from greenmim.hub.loading import load_pretrained
+tiny, x_path, result_path = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+x, out = torch.load(x_path), {}
+with torch.no_grad():
+    for label, make in [
+            ('registry', lambda: timm.create_model('green_swin_tiny.mim_in1k', pretrained=True, **tiny)),
+            ('hf-hub', lambda: timm.create_model('hf-hub:greenmim/green_swin_tiny.mim_in1k', pretrained=True)),
+            ('helper', lambda: load_pretrained('green_swin_tiny.mim_in1k', **tiny)),
+            ('missing', lambda: load_pretrained('hf-hub:greenmim/no_such_model')),
+            ('missing-file', lambda: load_pretrained(
+                'green_swin_tiny.mim_in1k', pretrained_cfg_overlay=dict(hf_hub_id='greenmim/no_such_model'), **tiny))]:
+        try:
+            out[label] = make().eval().forward_features(x).tolist()
+        except Exception as e:
+            out[label] = f'{type(e).__name__}: {e}'
+    os.environ['GREENMIM_HUB_MANIFEST'] = os.environ['BAD_MANIFEST']  # same hub id, another sha256
+    try:
+        load_pretrained('green_swin_tiny.mim_in1k', **tiny)
+        out['sha256'] = 'loaded'
+    except ValueError as e:
+        out['sha256'] = str(e)
+json.dump(out, open(result_path, 'w'))
+'''
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _git(repo, *args):
+    env = dict(os.environ, GIT_AUTHOR_NAME='t', GIT_AUTHOR_EMAIL='t@t', GIT_COMMITTER_NAME='t',
+               GIT_COMMITTER_EMAIL='t@t')
+    subprocess.run(['git', *args], cwd=repo, env=env, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope='module')
+def hub_endpoint(published, tmp_path_factory):
+    """olah on 127.0.0.1 serving the published folder as the git repository ``greenmim/green_swin_tiny.mim_in1k``
+    (offline: it never contacts the real Hub). Started and stopped here, within bounded time."""
+    pytest.importorskip('olah', reason='olah is in the test extra: pip install -e .[test]')
+    root = tmp_path_factory.mktemp('olah')
+    repo = root / 'mirrors' / 'models' / 'greenmim' / 'green_swin_tiny.mim_in1k'
+    shutil.copytree(published[0], repo)
+    _git(repo, 'init', '-q', '-b', 'main')
+    _git(repo, 'add', '.')
+    _git(repo, 'commit', '-q', '-m', 'green_swin_tiny.mim_in1k')
+    port = _free_port()
+    (root / 'configs.toml').write_text(
+        f'[basic]\nhost = "127.0.0.1"\nport = {port}\nrepos-path = "{root / "cache"}"\n'
+        f'mirror-netloc = "127.0.0.1:{port}"\nmirror-lfs-netloc = "127.0.0.1:{port}"\n'
+        f'mirrors-path = ["{root / "mirrors"}"]\n[accessibility]\noffline = true\n')
+    log = open(root / 'olah.log', 'wb')
+    server = subprocess.Popen([sys.executable, '-m', 'olah.server', '-c', str(root / 'configs.toml'),
+                               '--log-path', str(root / 'logs')], cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    url = f'http://127.0.0.1:{port}'
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f'{url}/{HUB_ID}/resolve/main/config.json', timeout=2).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f'olah did not start: {(root / "olah.log").read_text()[-2000:]}')
+                time.sleep(0.3)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+        log.close()
+
+
+def _run_client(tmp_path, env, x):
+    torch.save(x, tmp_path / 'x.pt')
+    result = tmp_path / 'result.json'
+    proc = subprocess.run(
+        [sys.executable, '-c', _CLIENT, json.dumps(TINY), str(tmp_path / 'x.pt'), str(result)],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(result.read_text())
+
+
+def test_pretrained_download_from_hub_endpoint_then_offline_cache(mim, published, hub_endpoint, tmp_path):
+    """Published in a manifest, the registry tag downloads from the Hub API, gives the published outputs, and then
+    loads from the filled HF cache with ``HF_HUB_OFFLINE=1``."""
+    out, entry = published
+    manifest, bad_manifest = tmp_path / 'manifest.json', tmp_path / 'bad_manifest.json'
+    release = dict(entry, status='published')
+    manifest.write_text(json.dumps({'schema': 1, 'releases': [release]}))
+    bad_manifest.write_text(json.dumps({'schema': 1, 'releases': [dict(release, sha256='0' * 64)]}))
+    x = torch.randn(1, 3, 224, 224)
+    expected = reference_features(mim[0], x).tolist()
+    env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
+    env.update(HF_HOME=str(tmp_path / 'hf'), HF_ENDPOINT=hub_endpoint, HF_HUB_DISABLE_TELEMETRY='1',
+               HF_HUB_ETAG_TIMEOUT='5', HF_HUB_DOWNLOAD_TIMEOUT='5', GREENMIM_HUB_MANIFEST=str(manifest),
+               BAD_MANIFEST=str(bad_manifest))
+
+    online = _run_client(tmp_path, env, x)
+    for label in ('registry', 'hf-hub', 'helper'):
+        assert online[label] == expected, (label, str(online[label])[:300])
+    assert online['missing'].startswith('FileNotFoundError: no repository greenmim/no_such_model')
+    assert online['missing-file'].startswith('FileNotFoundError: no repository greenmim/no_such_model')
+    assert 'is not the published green_swin_tiny.mim_in1k' in online['sha256']
+
+    offline = _run_client(tmp_path, dict(env, HF_HUB_OFFLINE='1', HF_ENDPOINT='http://127.0.0.1:9'), x)
+    for label in ('registry', 'hf-hub', 'helper'):
+        assert offline[label] == expected, (label, str(offline[label])[:300])
+    assert 'is not in the HF cache' in offline['missing'] and 'HF_HUB_OFFLINE=1' in offline['missing']
