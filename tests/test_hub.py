@@ -140,7 +140,7 @@ def test_mim_decoder_roundtrip(mim, published):
 
 def test_unpublished_tag_fails_at_once():
     assert not load_manifest()[NAME].published
-    assert timm.create_model(NAME).pretrained_cfg.get('hf_hub_id') is None
+    assert timm.create_model(NAME, **TINY).pretrained_cfg.get('hf_hub_id') is None
     assert timm.list_models('green_swin*', pretrained=True) == []
     with pytest.raises(RuntimeError, match='No pretrained weights exist'):
         timm.create_model(NAME, pretrained=True, **TINY)
@@ -184,7 +184,7 @@ with torch.no_grad():
             ('hf-hub', lambda: timm.create_model('hf-hub:greenmim/green_swin_tiny.mim_in1k', pretrained=True)),
             ('helper', lambda: load_pretrained('green_swin_tiny.mim_in1k', **tiny)),
             ('missing', lambda: load_pretrained('hf-hub:greenmim/no_such_model')),
-            ('missing-file', lambda: load_pretrained(
+            ('missing-overlay', lambda: load_pretrained(
                 'green_swin_tiny.mim_in1k', pretrained_cfg_overlay=dict(hf_hub_id='greenmim/no_such_model'), **tiny))]:
         try:
             out[label] = make().eval().forward_features(x).tolist()
@@ -282,7 +282,7 @@ def test_pretrained_download_from_hub_endpoint_then_offline_cache(mim, published
     for label in ('registry', 'hf-hub', 'helper'):
         assert online[label] == expected, (label, str(online[label])[:300])
     assert online['missing'].startswith('FileNotFoundError: no repository greenmim/no_such_model')
-    assert online['missing-file'].startswith('FileNotFoundError: no repository greenmim/no_such_model')
+    assert online['missing-overlay'].startswith('FileNotFoundError: no repository greenmim/no_such_model')
     assert 'is not the published green_swin_tiny.mim_in1k' in online['sha256']
 
     offline = _run_client(tmp_path, dict(env, HF_HUB_OFFLINE='1', HF_ENDPOINT='http://127.0.0.1:9'), x)

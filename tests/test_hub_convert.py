@@ -170,3 +170,19 @@ def test_command_writes_a_verified_safetensors_file(green, tmp_path):
     with safetensors.safe_open(out, 'pt') as f:
         assert f.metadata()['format'] == 'GreenMIM' and f.metadata()['merge_order'] == 'swin'
     assert_same(safetensors.torch.load_file(out), green.state_dict())
+
+
+def test_merge_order_check_scores_each_order(green, tmp_path, capsys):
+    checkpoint = authors_greenmim(green)
+    images = convert.sample_images(green.encoder, limit=2)
+    assert images.shape == (2, 3, 224, 224)
+    losses = convert.merge_order_losses(checkpoint['model'], 'green_swin_tiny', images, num_masks=1, **TINY)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        expected = green.eval()(images, generator=generator).loss.item()
+    assert losses['swin'] == pytest.approx(expected) and losses['early'] != losses['swin']
+    source = tmp_path / 'ckpt.pth'
+    torch.save(checkpoint, source)
+    assert convert.main([str(source), str(tmp_path / 'unused.safetensors'), '--model', 'green_swin_tiny',
+                         '--model-kwargs', json.dumps(TINY), '--check-merge-order', '--check-images', '2']) == 0
+    assert 'lower loss: --merge-order' in capsys.readouterr().out and not (tmp_path / 'unused.safetensors').exists()
