@@ -35,6 +35,31 @@ def _mma(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load_slots(index, segment, position, g, group_size, start, BLOCK: tl.constexpr, WINDOW_W: tl.constexpr):
+    """Slots ``start + arange(BLOCK)`` of group ``g``: ``(offsets, in group, token row (int64, 0 on padding), valid,
+    segment, position code)``; the code ``row * (2Ww-1) + col`` makes the bias index a difference of codes."""
+    offs = start + tl.arange(0, BLOCK)
+    inside = offs < group_size
+    token = tl.load(index + g * group_size + offs, mask=inside, other=-1)
+    valid = token >= 0
+    seg = tl.load(segment + g * group_size + offs, mask=inside, other=-1)
+    pos = tl.load(position + g * group_size + offs, mask=inside, other=0)
+    code = (pos // WINDOW_W) * (2 * WINDOW_W - 1) + pos % WINDOW_W
+    return offs, inside, tl.where(valid, token, 0).to(tl.int64), valid, seg, code
+
+
+@triton.jit
+def _scores(q, k, valid_m, seg_m, code_m, valid_n, seg_n, code_n, bias_table, h, stride_bt, stride_bh, qk_scale,
+            WINDOW_H: tl.constexpr, WINDOW_W: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``(scores * log2(e) [BLOCK, BLOCK] fp32, allowed pairs, bias-table row of each pair)`` of a tile."""
+    allowed = (seg_m[:, None] == seg_n[None, :]) & valid_m[:, None] & valid_n[None, :]
+    rel = code_m[:, None] - code_n[None, :] + (WINDOW_H - 1) * (2 * WINDOW_W - 1) + WINDOW_W - 1
+    bias = tl.load(bias_table + rel * stride_bt + h * stride_bh, mask=allowed, other=0.).to(tl.float32)
+    s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale + bias * LOG2E
+    return s, allowed, rel
+
+
+@triton.jit
 def _group_attention_fwd_kernel(
         qkv, out, lse, index, segment, position, bias_table,
         stride_qt, stride_qc, stride_qh, stride_qd,
@@ -44,41 +69,28 @@ def _group_attention_fwd_kernel(
         WINDOW_H: tl.constexpr, WINDOW_W: tl.constexpr,
         BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    """Output rows (token order) and base-2 log-sum-exp of every query tile of one (group, head)."""
     pid = tl.program_id(0)  # g * num_heads + h
     g = pid // num_heads
     h = pid % num_heads
     offs_d = tl.arange(0, BLOCK_D)
     in_d = offs_d < head_dim
-    q_base = qkv + h * stride_qh + offs_d[None, :] * stride_qd
+    qkv_h = qkv + h * stride_qh + offs_d[None, :] * stride_qd
     for start_m in range(0, group_size, BLOCK):
-        offs_m = start_m + tl.arange(0, BLOCK)
-        in_m = offs_m < group_size
-        tok_m = tl.load(index + g * group_size + offs_m, mask=in_m, other=-1)
-        valid_m = tok_m >= 0
-        row_m = tl.where(valid_m, tok_m, 0).to(tl.int64)
-        seg_m = tl.load(segment + g * group_size + offs_m, mask=in_m, other=-1)
-        pos_m = tl.load(position + g * group_size + offs_m, mask=in_m, other=0)
-        rel_m = (pos_m // WINDOW_W + WINDOW_H - 1) * (2 * WINDOW_W - 1) + pos_m % WINDOW_W + WINDOW_W - 1
-        q = tl.load(q_base + row_m[:, None] * stride_qt, mask=valid_m[:, None] & in_d[None, :], other=0.)
+        offs_m, in_m, row_m, valid_m, seg_m, code_m = _load_slots(
+            index, segment, position, g, group_size, start_m, BLOCK, WINDOW_W)
+        q = tl.load(qkv_h + row_m[:, None] * stride_qt, mask=valid_m[:, None] & in_d[None, :], other=0.)
         m_i = tl.full([BLOCK], float('-inf'), tl.float32)
         l_i = tl.zeros([BLOCK], tl.float32)
         acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
         for start_n in range(0, group_size, BLOCK):
-            offs_n = start_n + tl.arange(0, BLOCK)
-            in_n = offs_n < group_size
-            tok_n = tl.load(index + g * group_size + offs_n, mask=in_n, other=-1)
-            valid_n = tok_n >= 0
-            row_n = tl.where(valid_n, tok_n, 0).to(tl.int64)
-            seg_n = tl.load(segment + g * group_size + offs_n, mask=in_n, other=-1)
-            pos_n = tl.load(position + g * group_size + offs_n, mask=in_n, other=0)
-            rel_n = (pos_n // WINDOW_W) * (2 * WINDOW_W - 1) + pos_n % WINDOW_W
+            _, _, row_n, valid_n, seg_n, code_n = _load_slots(
+                index, segment, position, g, group_size, start_n, BLOCK, WINDOW_W)
             kv_mask = valid_n[:, None] & in_d[None, :]
-            k = tl.load(q_base + row_n[:, None] * stride_qt + stride_qc, mask=kv_mask, other=0.)
-            v = tl.load(q_base + row_n[:, None] * stride_qt + 2 * stride_qc, mask=kv_mask, other=0.)
-            allowed = (seg_m[:, None] == seg_n[None, :]) & valid_m[:, None] & valid_n[None, :]
-            rel = rel_m[:, None] - rel_n[None, :]
-            bias = tl.load(bias_table + rel * stride_bt + h * stride_bh, mask=allowed, other=0.).to(tl.float32)
-            s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale + bias * LOG2E
+            k = tl.load(qkv_h + row_n[:, None] * stride_qt + stride_qc, mask=kv_mask, other=0.)
+            v = tl.load(qkv_h + row_n[:, None] * stride_qt + 2 * stride_qc, mask=kv_mask, other=0.)
+            s, allowed, _ = _scores(q, k, valid_m, seg_m, code_m, valid_n, seg_n, code_n, bias_table, h,
+                                    stride_bt, stride_bh, qk_scale, WINDOW_H, WINDOW_W, DOT_PRECISION, UPCAST)
             s = tl.where(allowed, s, float('-inf'))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float('-inf'), 0., m_new)  # rows with no allowed key yet
@@ -96,6 +108,19 @@ def _group_attention_fwd_kernel(
 
 
 @triton.jit
+def _score_grads(q, k, v, do, lse_m, delta_m, valid_m, seg_m, code_m, valid_n, seg_n, code_n, bias_table, h,
+                 stride_bt, stride_bh, qk_scale,
+                 WINDOW_H: tl.constexpr, WINDOW_W: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Recomputed probabilities ``p`` and score gradients ``ds = p * (dp - delta)`` (zero off the allowed pairs)
+    of a tile, with the pairs' bias-table rows."""
+    s, allowed, rel = _scores(q, k, valid_m, seg_m, code_m, valid_n, seg_n, code_n, bias_table, h,
+                              stride_bt, stride_bh, qk_scale, WINDOW_H, WINDOW_W, DOT_PRECISION, UPCAST)
+    p = tl.where(allowed, tl.math.exp2(s - lse_m[:, None]), 0.)
+    dp = _mma(do, tl.trans(v), DOT_PRECISION, UPCAST)
+    return p, p * (dp - delta_m[:, None]), allowed, rel
+
+
+@triton.jit
 def _group_attention_bwd_kv_kernel(
         qkv, dout, delta, lse, dqkv, dbias_partial, index, segment, position, bias_table,
         stride_qt, stride_qc, stride_qh, stride_qd,
@@ -104,56 +129,46 @@ def _group_attention_bwd_kv_kernel(
         stride_bt, stride_bh,
         num_heads, group_size, head_dim, scale, qk_scale, num_rel,
         WINDOW_H: tl.constexpr, WINDOW_W: tl.constexpr,
-        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, DETERMINISTIC: tl.constexpr,
+        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        DETERMINISTIC: tl.constexpr, SINGLE_TILE: tl.constexpr,
 ):
-    """dk, dv of every key tile of one (group, head), and that (group, head)'s bias-table gradient partial."""
+    """dk, dv of every key tile of one (group, head) and its bias-table gradient partial; with ``SINGLE_TILE``
+    (the group fits one tile) dq too."""
     pid = tl.program_id(0)
     g = pid // num_heads
     h = pid % num_heads
     offs_d = tl.arange(0, BLOCK_D)
     in_d = offs_d < head_dim
-    q_base = qkv + h * stride_qh + offs_d[None, :] * stride_qd
-    do_base = dout + h * stride_dh + offs_d[None, :] * stride_dd
+    qkv_h = qkv + h * stride_qh + offs_d[None, :] * stride_qd
+    dout_h = dout + h * stride_dh + offs_d[None, :] * stride_dd
+    dqkv_h = dqkv + h * stride_gh + offs_d[None, :] * stride_gd
     partial = dbias_partial + pid * num_rel
     for start_n in range(0, group_size, BLOCK):
-        offs_n = start_n + tl.arange(0, BLOCK)
-        in_n = offs_n < group_size
-        tok_n = tl.load(index + g * group_size + offs_n, mask=in_n, other=-1)
-        valid_n = tok_n >= 0
-        row_n = tl.where(valid_n, tok_n, 0).to(tl.int64)
-        seg_n = tl.load(segment + g * group_size + offs_n, mask=in_n, other=-1)
-        pos_n = tl.load(position + g * group_size + offs_n, mask=in_n, other=0)
-        rel_n = (pos_n // WINDOW_W) * (2 * WINDOW_W - 1) + pos_n % WINDOW_W
+        _, _, row_n, valid_n, seg_n, code_n = _load_slots(
+            index, segment, position, g, group_size, start_n, BLOCK, WINDOW_W)
         kv_mask = valid_n[:, None] & in_d[None, :]
-        k = tl.load(q_base + row_n[:, None] * stride_qt + stride_qc, mask=kv_mask, other=0.)
-        v = tl.load(q_base + row_n[:, None] * stride_qt + 2 * stride_qc, mask=kv_mask, other=0.)
+        k = tl.load(qkv_h + row_n[:, None] * stride_qt + stride_qc, mask=kv_mask, other=0.)
+        v = tl.load(qkv_h + row_n[:, None] * stride_qt + 2 * stride_qc, mask=kv_mask, other=0.)
         dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
         for start_m in range(0, group_size, BLOCK):
-            offs_m = start_m + tl.arange(0, BLOCK)
-            in_m = offs_m < group_size
-            tok_m = tl.load(index + g * group_size + offs_m, mask=in_m, other=-1)
-            valid_m = tok_m >= 0
-            row_m = tl.where(valid_m, tok_m, 0).to(tl.int64)
-            seg_m = tl.load(segment + g * group_size + offs_m, mask=in_m, other=-1)
-            pos_m = tl.load(position + g * group_size + offs_m, mask=in_m, other=0)
-            rel_m = (pos_m // WINDOW_W + WINDOW_H - 1) * (2 * WINDOW_W - 1) + pos_m % WINDOW_W + WINDOW_W - 1
+            offs_m, in_m, row_m, valid_m, seg_m, code_m = _load_slots(
+                index, segment, position, g, group_size, start_m, BLOCK, WINDOW_W)
             q_mask = valid_m[:, None] & in_d[None, :]
-            q = tl.load(q_base + row_m[:, None] * stride_qt, mask=q_mask, other=0.)
-            do = tl.load(do_base + row_m[:, None] * stride_dt, mask=q_mask, other=0.)
+            q = tl.load(qkv_h + row_m[:, None] * stride_qt, mask=q_mask, other=0.)
+            do = tl.load(dout_h + row_m[:, None] * stride_dt, mask=q_mask, other=0.)
             lse_m = tl.load(lse + pid * group_size + offs_m, mask=in_m, other=0.)
             delta_m = tl.load(delta + row_m * num_heads + h, mask=valid_m, other=0.)
-            allowed = (seg_m[:, None] == seg_n[None, :]) & valid_m[:, None] & valid_n[None, :]
-            rel = rel_m[:, None] - rel_n[None, :]
-            bias = tl.load(bias_table + rel * stride_bt + h * stride_bh, mask=allowed, other=0.).to(tl.float32)
-            s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale + bias * LOG2E
-            p = tl.where(allowed, tl.math.exp2(s - lse_m[:, None]), 0.)
+            p, ds, allowed, rel = _score_grads(
+                q, k, v, do, lse_m, delta_m, valid_m, seg_m, code_m, valid_n, seg_n, code_n, bias_table, h,
+                stride_bt, stride_bh, qk_scale, WINDOW_H, WINDOW_W, DOT_PRECISION, UPCAST)
             dv += _mma(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, UPCAST)
-            dp = _mma(do, tl.trans(v), DOT_PRECISION, UPCAST)
-            ds = p * (dp - delta_m[:, None])  # gradient of the (natural-log) score, zero where not allowed
             dk += _mma(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, UPCAST)
+            if SINGLE_TILE:
+                dq = _mma(ds.to(k.dtype), k, DOT_PRECISION, UPCAST) * scale
+                tl.store(dqkv_h + row_m[:, None] * stride_gt, dq.to(dqkv.dtype.element_ty), mask=q_mask)
             if DETERMINISTIC:
-                # one key column at a time: a column's allowed pairs have distinct relative indices (distinct query
+                # one key column at a time: a column's allowed pairs have distinct bias rows (distinct query
                 # positions in one window), so each read-modify-write is collision-free and runs in a fixed order
                 cols = tl.arange(0, BLOCK)[None, :]
                 for j in range(0, BLOCK):
@@ -166,7 +181,7 @@ def _group_attention_bwd_kv_kernel(
                     tl.debug_barrier()
             else:
                 tl.atomic_add(partial + rel, ds, mask=allowed)
-        g_ptrs = dqkv + row_n[:, None] * stride_gt + h * stride_gh + offs_d[None, :] * stride_gd
+        g_ptrs = dqkv_h + row_n[:, None] * stride_gt
         tl.store(g_ptrs + stride_gc, (dk * scale).to(dqkv.dtype.element_ty), mask=kv_mask)
         tl.store(g_ptrs + 2 * stride_gc, dv.to(dqkv.dtype.element_ty), mask=kv_mask)
 
@@ -182,51 +197,35 @@ def _group_attention_bwd_q_kernel(
         WINDOW_H: tl.constexpr, WINDOW_W: tl.constexpr,
         BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """dq of every query tile of one (group, head)."""
+    """dq of every query tile of one (group, head), for groups larger than one tile."""
     pid = tl.program_id(0)
     g = pid // num_heads
     h = pid % num_heads
     offs_d = tl.arange(0, BLOCK_D)
     in_d = offs_d < head_dim
-    q_base = qkv + h * stride_qh + offs_d[None, :] * stride_qd
-    do_base = dout + h * stride_dh + offs_d[None, :] * stride_dd
+    qkv_h = qkv + h * stride_qh + offs_d[None, :] * stride_qd
+    dout_h = dout + h * stride_dh + offs_d[None, :] * stride_dd
     for start_m in range(0, group_size, BLOCK):
-        offs_m = start_m + tl.arange(0, BLOCK)
-        in_m = offs_m < group_size
-        tok_m = tl.load(index + g * group_size + offs_m, mask=in_m, other=-1)
-        valid_m = tok_m >= 0
-        row_m = tl.where(valid_m, tok_m, 0).to(tl.int64)
-        seg_m = tl.load(segment + g * group_size + offs_m, mask=in_m, other=-1)
-        pos_m = tl.load(position + g * group_size + offs_m, mask=in_m, other=0)
-        rel_m = (pos_m // WINDOW_W + WINDOW_H - 1) * (2 * WINDOW_W - 1) + pos_m % WINDOW_W + WINDOW_W - 1
+        offs_m, in_m, row_m, valid_m, seg_m, code_m = _load_slots(
+            index, segment, position, g, group_size, start_m, BLOCK, WINDOW_W)
         q_mask = valid_m[:, None] & in_d[None, :]
-        q = tl.load(q_base + row_m[:, None] * stride_qt, mask=q_mask, other=0.)
-        do = tl.load(do_base + row_m[:, None] * stride_dt, mask=q_mask, other=0.)
+        q = tl.load(qkv_h + row_m[:, None] * stride_qt, mask=q_mask, other=0.)
+        do = tl.load(dout_h + row_m[:, None] * stride_dt, mask=q_mask, other=0.)
         lse_m = tl.load(lse + pid * group_size + offs_m, mask=in_m, other=0.)
         delta_m = tl.load(delta + row_m * num_heads + h, mask=valid_m, other=0.)
         dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
         for start_n in range(0, group_size, BLOCK):
-            offs_n = start_n + tl.arange(0, BLOCK)
-            in_n = offs_n < group_size
-            tok_n = tl.load(index + g * group_size + offs_n, mask=in_n, other=-1)
-            valid_n = tok_n >= 0
-            row_n = tl.where(valid_n, tok_n, 0).to(tl.int64)
-            seg_n = tl.load(segment + g * group_size + offs_n, mask=in_n, other=-1)
-            pos_n = tl.load(position + g * group_size + offs_n, mask=in_n, other=0)
-            rel_n = (pos_n // WINDOW_W) * (2 * WINDOW_W - 1) + pos_n % WINDOW_W
+            _, _, row_n, valid_n, seg_n, code_n = _load_slots(
+                index, segment, position, g, group_size, start_n, BLOCK, WINDOW_W)
             kv_mask = valid_n[:, None] & in_d[None, :]
-            k = tl.load(q_base + row_n[:, None] * stride_qt + stride_qc, mask=kv_mask, other=0.)
-            v = tl.load(q_base + row_n[:, None] * stride_qt + 2 * stride_qc, mask=kv_mask, other=0.)
-            allowed = (seg_m[:, None] == seg_n[None, :]) & valid_m[:, None] & valid_n[None, :]
-            rel = rel_m[:, None] - rel_n[None, :]
-            bias = tl.load(bias_table + rel * stride_bt + h * stride_bh, mask=allowed, other=0.).to(tl.float32)
-            s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale + bias * LOG2E
-            p = tl.where(allowed, tl.math.exp2(s - lse_m[:, None]), 0.)
-            dp = _mma(do, tl.trans(v), DOT_PRECISION, UPCAST)
-            ds = p * (dp - delta_m[:, None])
+            k = tl.load(qkv_h + row_n[:, None] * stride_qt + stride_qc, mask=kv_mask, other=0.)
+            v = tl.load(qkv_h + row_n[:, None] * stride_qt + 2 * stride_qc, mask=kv_mask, other=0.)
+            _, ds, _, _ = _score_grads(
+                q, k, v, do, lse_m, delta_m, valid_m, seg_m, code_m, valid_n, seg_n, code_n, bias_table, h,
+                stride_bt, stride_bh, qk_scale, WINDOW_H, WINDOW_W, DOT_PRECISION, UPCAST)
             dq += _mma(ds.to(k.dtype), k, DOT_PRECISION, UPCAST)
-        g_ptrs = dqkv + row_m[:, None] * stride_gt + h * stride_gh + offs_d[None, :] * stride_gd
-        tl.store(g_ptrs, (dq * scale).to(dqkv.dtype.element_ty), mask=q_mask)
+        tl.store(dqkv + row_m[:, None] * stride_gt + h * stride_gh + offs_d[None, :] * stride_gd,
+                 (dq * scale).to(dqkv.dtype.element_ty), mask=q_mask)
 
 
 INTERPRETED = not isinstance(_group_attention_fwd_kernel, triton.runtime.JITFunction)
@@ -301,15 +300,17 @@ def group_attention_backward(
         config = _launch_config(qkv, group_size)
         strides = (*qkv.stride(), *dout.stride(), *dqkv.stride(), *bias_table.stride())
         window = dict(WINDOW_H=window_size[0], WINDOW_W=window_size[1])
+        single_tile = group_size <= config['BLOCK']
         _group_attention_bwd_kv_kernel[(groups * heads,)](
             qkv, dout, delta, lse, dqkv, partial, index, segment, position, bias_table, *strides,
             heads, group_size, head_dim, scale, scale * LOG2E.value, num_rel,
-            DETERMINISTIC=deterministic, **window, **config,
+            DETERMINISTIC=deterministic, SINGLE_TILE=single_tile, **window, **config,
         )
-        _group_attention_bwd_q_kernel[(groups * heads,)](
-            qkv, dout, delta, lse, dqkv, index, segment, position, bias_table, *strides,
-            heads, group_size, head_dim, scale, scale * LOG2E.value,
-            **window, **config,
-        )
+        if not single_tile:
+            _group_attention_bwd_q_kernel[(groups * heads,)](
+                qkv, dout, delta, lse, dqkv, index, segment, position, bias_table, *strides,
+                heads, group_size, head_dim, scale, scale * LOG2E.value,
+                **window, **config,
+            )
     dbias = partial.sum(0).t().to(bias_table.dtype)
     return dqkv, dbias
