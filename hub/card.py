@@ -43,7 +43,7 @@ def render_model_card(release: Release, model: nn.Module, decoder_file: Optional
         usage_call = 'features = model.forward_features(transform(image)[None])  # [1, H/32, W/32, C]'
         usage_mim = (
             '\nTo continue pre-training, load the encoder with the MIM decoder shipped in `'
-            f'{decoder_file}`:\n\n```python\nfrom greenmim.hub.loading import load_mim_pretrained\n\n'
+            f'{decoder_file}`:\n\n```python\nfrom greenmim.hub import load_mim_pretrained\n\n'
             f'mim = load_mim_pretrained("{release.name}")  # greenmim.GreenMIM\n```\n')
     else:
         summary = ('A Swin Transformer image classifier: pre-trained with GreenMIM (masked image modeling on the '

@@ -52,7 +52,7 @@ class Release:
             raise ValueError(f'{self.name}: hub_id {self.hub_id!r} must be a full "org/name" id outside timm/')
         if self.published and not (self.sha256 and self.source_checkpoint):
             raise ValueError(f'{self.name}: a published release needs sha256 and source_checkpoint')
-        if self.model.startswith('.') or not self.tag:
+        if not self.model or not self.tag:
             raise ValueError(f'release {self.model!r}.{self.tag!r} needs a model name and a tag')
 
     @property

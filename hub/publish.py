@@ -38,7 +38,11 @@ def _release(args: argparse.Namespace) -> Release:
     release = load_manifest().get(name)
     if release is None and not args.repo_id:
         raise ValueError(f'{name} is not in the manifest: give --repo-id (a full "org/name" hub id)')
-    metrics = tuple(Metric(**m) for m in json.loads(args.metrics.read_text())) if args.metrics else ()
+    try:
+        metrics = tuple(Metric(**m) for m in json.loads(args.metrics.read_text())) if args.metrics else ()
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f'--metrics {args.metrics}: expected a JSON list of {{"name", "value", "dataset", '
+                         f'"command"}}: {e}') from e
     base = release or Release(args.model, args.tag, args.repo_id, 'not-published', args.license or 'apache-2.0')
     return dataclasses.replace(
         base, hub_id=args.repo_id or base.hub_id, license=args.license or base.license,
