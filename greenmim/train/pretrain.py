@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
+from torch.utils.data import IterableDataset
 
 import greenmim
 from greenmim.mim import GreenMIM, SimMIM
@@ -54,8 +55,8 @@ class PretrainConfig:
     min_image_size: int = 32             # smaller images are skipped (and counted)
     num_workers: int = 2
     # optimisation
-    epochs: int = 100
-    warmup_epochs: float = 10
+    epochs: int = 800
+    warmup_epochs: float = 40
     batch_size: int = 64                 # per device and micro-batch
     accum_iter: int = 1
     blr: float = 1.5e-4
@@ -92,9 +93,11 @@ def build_mim_model(cfg: PretrainConfig) -> torch.nn.Module:
 
 
 def _preview_batch(dataset, count: int, input_size: int) -> Optional[torch.Tensor]:
-    """The first ``count`` readable images of ``dataset``, resized and centre-cropped: ``[n, 3, S, S]``."""
+    """``count`` readable images spread evenly over ``dataset`` (the first ones of a stream), resized and
+    centre-cropped: ``[n, 3, S, S]``."""
     transform, images = eval_transform(input_size, crop_pct=1.0), []
-    for index in range(len(dataset)):
+    step = 1 if isinstance(dataset, IterableDataset) else max(len(dataset) // count, 1)
+    for index in list(range(0, len(dataset), step)) + [i for i in range(len(dataset)) if i % step]:
         if len(images) == count:
             break
         image = dataset.raw_image(index)
