@@ -33,6 +33,8 @@ import torch
 from timm.models.swin_transformer import checkpoint_filter_fn
 from torch import nn
 
+from greenmim.mim import GreenMIM, SimMIM, split_mim_state_dict
+
 from .checkpoint import read_state_dict, verify_state_dict
 
 __all__ = ['KINDS', 'MERGE_ORDERS', 'detect_kind', 'swap_merge_order', 'build_target', 'convert_state_dict',
@@ -87,7 +89,6 @@ def build_target(
 ) -> nn.Module:
     """The model a converted ``kind`` checkpoint must fit: GreenMIM / SimMIM around ``model_name``, or the timm
     classifier with as many classes as the checkpoint's head."""
-    from greenmim.mim import GreenMIM, SimMIM  # noqa: the package imports this module while it initialises
     if kind == 'greenmim':
         return GreenMIM(model_name, **_mim_decoder_kwargs(state_dict, decoder_heads), **model_kwargs)
     if kind == 'simmim':
@@ -134,11 +135,7 @@ def convert_state_dict(
     kind = detect_kind(state_dict) if kind == 'auto' else kind
     target = build_target(kind, model_name, state_dict, decoder_heads, **model_kwargs)
     notes = []
-    if kind == 'classifier':
-        encoder, rest = dict(state_dict), {}
-    else:
-        encoder = {k[len('encoder.'):]: v for k, v in state_dict.items() if k.startswith('encoder.')}
-        rest = {k: v for k, v in state_dict.items() if not k.startswith('encoder.')}
+    encoder, rest = (dict(state_dict), {}) if kind == 'classifier' else split_mim_state_dict(state_dict)
     encoder_model = target if kind == 'classifier' else target.encoder
     mask_token = encoder.pop('mask_token', None)  # SimMIM keeps it inside the encoder
     _check_not_resized(encoder, encoder_model)

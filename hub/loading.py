@@ -16,7 +16,6 @@ import timm
 from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 from timm.models import parse_model_name
-from timm.models._hub import hf_split
 from torch import nn
 
 from .checkpoint import read_state_dict, sha256_file, verify_state_dict
@@ -31,7 +30,7 @@ _LOCAL_DIR = 'local-dir:'
 
 def _hub_error(error: Exception, hub_id: str, filename: str) -> FileNotFoundError:
     """A ``huggingface_hub`` download error as a ``FileNotFoundError`` that names the problem."""
-    repo_id = hf_split(hub_id)[0]
+    repo_id = hub_id.partition('@')[0]
     if isinstance(error, LocalEntryNotFoundError):  # subclass of EntryNotFoundError: test it first
         return FileNotFoundError(
             f'{hub_id}/{filename} is not in the HF cache ({constants.HF_HUB_CACHE}) and the Hub at '
@@ -44,10 +43,11 @@ def _hub_error(error: Exception, hub_id: str, filename: str) -> FileNotFoundErro
 
 
 def _hub_file(hub_id: str, filename: str) -> Path:
-    """``hf_hub_download`` (HF cache, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``) with errors that name the problem."""
-    repo_id, revision = hf_split(hub_id)
+    """``hf_hub_download`` of ``org/name[@revision]`` (HF cache, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``) with errors
+    that name the problem."""
+    repo_id, _, revision = hub_id.partition('@')
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, library_name='timm',
+        return Path(hf_hub_download(repo_id, filename, revision=revision or None, library_name='timm',
                                     library_version=timm.__version__))
     except (RepositoryNotFoundError, EntryNotFoundError) as e:
         raise _hub_error(e, hub_id, filename) from e
@@ -86,7 +86,9 @@ def resolve_weights(pretrained_cfg: Dict[str, Any], filename: str = WEIGHTS_FILE
             raise FileNotFoundError(f'checkpoint file {path} does not exist')
         return path
     if pretrained_cfg.get('hf_hub_id'):
-        return _hub_file(pretrained_cfg['hf_hub_id'], pretrained_cfg.get('hf_hub_filename') or filename)
+        if filename == WEIGHTS_FILE:
+            filename = pretrained_cfg.get('hf_hub_filename') or filename
+        return _hub_file(pretrained_cfg['hf_hub_id'], filename)
     raise ValueError(_not_published(pretrained_cfg))
 
 
@@ -135,8 +137,8 @@ def load_pretrained(
             (lists missing, unexpected and mismatched keys); a download that differs from the published sha256.
     """
     try:
-        model = timm.create_model(model_name, pretrained=False, pretrained_cfg_overlay=_overlay(pretrained_cfg_overlay),
-                                  **kwargs)
+        model = timm.create_model(
+            model_name, pretrained=False, pretrained_cfg_overlay=_overlay(pretrained_cfg_overlay), **kwargs)
     except (RepositoryNotFoundError, EntryNotFoundError) as e:  # hf-hub: names read config.json first
         raise _hub_error(e, parse_model_name(model_name)[1], 'config.json') from e
     cfg = model.pretrained_cfg
@@ -158,7 +160,7 @@ def load_mim_pretrained(model_name: str, pretrained_cfg_overlay: Optional[Dict[s
     """A :class:`greenmim.GreenMIM` / :class:`greenmim.SimMIM` (encoder and decoder) from a ``.mim_*`` release, to
     continue pre-training: the encoder as :func:`load_pretrained`, the decoder from ``mim_decoder.safetensors``
     beside it (same repository, folder, or the file's folder)."""
-    from greenmim.mim import GreenMIM, SimMIM
+    from greenmim.mim import GreenMIM, SimMIM  # greenmim imports this package while it initialises
     encoder = load_pretrained(model_name, pretrained_cfg_overlay, **kwargs)
     path = resolve_weights(encoder.pretrained_cfg, DECODER_FILE)
     decoder = read_state_dict(path)
