@@ -169,7 +169,9 @@ def _group_attention_bwd_kv_kernel(
                 tl.store(dqkv_h + row_m[:, None] * stride_gt, dq.to(dqkv.dtype.element_ty), mask=q_mask)
             if DETERMINISTIC:
                 # one key column at a time: a column's allowed pairs have distinct bias rows (distinct query
-                # positions in one window), so each read-modify-write is collision-free and runs in a fixed order
+                # positions in one window), so each read-modify-write is collision-free and runs in a fixed order.
+                # Threads holding copies of an element all load before any stores (first barrier), and a column's
+                # stores land before the next column's loads (second barrier).
                 cols = tl.arange(0, BLOCK)[None, :]
                 for j in range(0, BLOCK):
                     take = (cols == j) & allowed
@@ -177,6 +179,7 @@ def _group_attention_bwd_kv_kernel(
                     rel_col = tl.sum(tl.where(take, rel, 0), 1)
                     in_col = tl.sum(take.to(tl.int32), 1) > 0
                     current = tl.load(partial + rel_col, mask=in_col, other=0.)
+                    tl.debug_barrier()
                     tl.store(partial + rel_col, current + ds_col, mask=in_col)
                     tl.debug_barrier()
             else:
