@@ -1,5 +1,4 @@
 """Data sources and bad inputs: missing/empty sources, non-image files, corrupt and tiny images, Parquet."""
-import io
 
 import pyarrow as pa
 import pyarrow.parquet as pq

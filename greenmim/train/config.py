@@ -58,6 +58,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls, help_text:
 
 
 def config_from_args(config_cls, args: argparse.Namespace):
+    """The ``config_cls`` instance for flags parsed by :func:`add_config_arguments`."""
     values = {f.name: getattr(args, f.name) for f in fields(config_cls)}
+    values.update({k: tuple(v) for k, v in values.items() if isinstance(v, list) and k != 'model_kwargs'})
     values['model_kwargs'] = _kwargs(values.get('model_kwargs'))
     return config_cls(**values)
