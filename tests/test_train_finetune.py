@@ -91,3 +91,12 @@ def test_checkpoint_from_another_model_is_a_clear_error(mim_run, folders, tmp_pa
     with pytest.raises(ValueError, match="written for model 'green_swin_tiny', not 'green_swin_base'"):
         export(mim_run.output_dir, tmp_path, model='green_swin_base')
     assert main(['export', str(tmp_path / 'missing'), '-o', str(tmp_path)]) == 2
+
+
+def test_finetune_resume_with_mixup_and_randaugment_is_exact(mim_run, folders, tmp_path):
+    train, _ = folders
+    settings = dict(TINY, checkpoint=mim_run.output_dir, data=str(train), epochs=2, batch_size=8, num_workers=0)
+    full = finetune(FinetuneConfig(**settings, output_dir=str(tmp_path / 'full')))
+    first = finetune(FinetuneConfig(**settings, max_steps=3, output_dir=str(tmp_path / 'part')))
+    rest = finetune(FinetuneConfig(**settings, resume=str(tmp_path / 'part'), output_dir=str(tmp_path / 'part')))
+    assert len(full.losses) == 8 and first.losses + rest.losses == full.losses
