@@ -52,6 +52,7 @@ def test_resume_mid_epoch_reproduces_uninterrupted_losses_bitwise(photos, full_r
     resumed = pretrain(tiny_pretrain_config(tmp_path, data=str(photos), epochs=2, resume=str(tmp_path)))
     assert resumed.steps == 4
     assert resumed.losses == full_run.losses[3:]  # bitwise equal
+    assert resumed.epoch_metrics == full_run.epoch_metrics[1:]  # the resumed epoch's mean covers all its steps
     assert full_run.losses[0] != full_run.losses[3]
 
 

@@ -24,7 +24,7 @@ from .checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from .data import Batch, ResumableSampler, collate_images
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum
 
-__all__ = ['NonFiniteLossError', 'LoopConfig', 'TrainSummary', 'Trainer']
+__all__ = ['NonFiniteLossError', 'LoopConfig', 'TrainSummary', 'Trainer', 'steps_per_epoch']
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -57,6 +57,16 @@ class TrainSummary:
     best_checkpoint: Optional[str] = None
     interrupted: bool = False
     wall_time_s: float = 0.0
+
+
+def steps_per_epoch(dataset, config: LoopConfig, info: DistInfo) -> int:
+    """Optimizer steps per epoch on each rank (incomplete micro-batches and steps are dropped)."""
+    per_rank = len(dataset) if isinstance(dataset, IterableDataset) else math.ceil(len(dataset) / info.world_size)
+    steps = per_rank // (config.batch_size * config.accum_iter)
+    if steps == 0:
+        raise ValueError(f'{per_rank} images per rank are fewer than one optimizer step needs '
+                         f'(batch_size {config.batch_size} x accum_iter {config.accum_iter}): lower the batch size')
+    return steps
 
 
 @contextmanager
@@ -107,12 +117,9 @@ class Trainer:
         self.best_name, self.best_mode = best_metric
         self.mask_generator = mask_generator
         self.scaler = torch.amp.GradScaler('cuda', enabled=amp_dtype == torch.float16)
-        per_rank = len(dataset) if isinstance(dataset, IterableDataset) else math.ceil(len(dataset) / info.world_size)
-        self.steps_per_epoch = per_rank // (config.batch_size * config.accum_iter)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f'{per_rank} images per rank are fewer than one optimizer step needs '
-                             f'(batch_size {config.batch_size} x accum_iter {config.accum_iter}): lower the batch size')
+        self.steps_per_epoch = steps_per_epoch(dataset, config, info)
         self.epoch, self.micro_in_epoch, self.step = 0, 0, 0
+        self.epoch_loss = [0.0, 0]  # sum of step losses and steps so far in this epoch
         self.best: Optional[float] = None
         self.history: List[Dict[str, float]] = []
         self.rng_after_step = capture_rng_state(mask_generator)
@@ -128,6 +135,7 @@ class Trainer:
             'scheduler': self.scheduler.state_dict(),
             'scaler': self.scaler.state_dict(),
             'rng': all_gather_objects(self.rng_after_step, self.info),
+            'epoch_loss': list(self.epoch_loss),
             'position': {'epoch': self.epoch, 'micro_batch': self.micro_in_epoch, 'step': self.step,
                          'world_size': self.info.world_size, 'batch_size': self.cfg.batch_size,
                          'accum_iter': self.cfg.accum_iter},
@@ -149,7 +157,7 @@ class Trainer:
         self.scheduler.load_state_dict(state['scheduler'])
         self.scaler.load_state_dict(state['scaler'])
         self.epoch, self.micro_in_epoch, self.step = pos['epoch'], pos['micro_batch'], pos['step']
-        self.best, self.history = state['best'], list(state['history'])
+        self.best, self.history, self.epoch_loss = state['best'], list(state['history']), list(state['epoch_loss'])
         self.rng_after_step = state['rng'][self.info.rank]
         restore_rng_state(self.rng_after_step, self.mask_generator)
 
@@ -202,7 +210,7 @@ class Trainer:
         with _stop_on_sigint() as stop:
             while self.epoch < cfg.epochs:
                 self.train_model.train()
-                epoch_loss, epoch_steps, step_loss, step_images = 0.0, 0, 0.0, 0
+                step_loss, step_images = 0.0, 0
                 for batch in self._loader():
                     batch: Batch
                     if self.micro_in_epoch >= micro_per_epoch:
@@ -249,7 +257,7 @@ class Trainer:
                     last_time = now
                     lr = max(g['lr'] for g in self.optimizer.param_groups)
                     summary.losses.append(step_loss)
-                    epoch_loss, epoch_steps = epoch_loss + step_loss, epoch_steps + 1
+                    self.epoch_loss = [self.epoch_loss[0] + step_loss, self.epoch_loss[1] + 1]
                     bar.set_postfix(epoch=self.epoch, loss=f'{step_loss:.4f}', lr=f'{lr:.2e}', img_s=f'{speed:.1f}')
                     bar.update(1)
                     if self.step % cfg.log_every == 0:
@@ -261,8 +269,7 @@ class Trainer:
                         summary.last_checkpoint = self._save()
                         return self._finish(summary, bar, start_time)
                 metrics = {'epoch': self.epoch,
-                           'train_loss': all_reduce_sum(torch.tensor(epoch_loss / max(epoch_steps, 1)),
-                                                        info).item() / info.world_size}
+                           'train_loss': self.epoch_loss[0] / max(self.epoch_loss[1], 1)}  # rank means already
                 if self.on_epoch_end is not None:
                     metrics.update(self.on_epoch_end(self.epoch))
                 self.history.append(metrics)
@@ -274,7 +281,7 @@ class Trainer:
                 is_best = self._is_better(metrics[self.best_name])
                 if is_best:
                     self.best = metrics[self.best_name]
-                self.epoch, self.micro_in_epoch = self.epoch + 1, 0
+                self.epoch, self.micro_in_epoch, self.epoch_loss = self.epoch + 1, 0, [0.0, 0]
                 if self.epoch % cfg.save_every == 0 or self.epoch == cfg.epochs:
                     summary.last_checkpoint = self._save(best=is_best)
         return self._finish(summary, bar, start_time)

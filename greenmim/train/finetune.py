@@ -31,7 +31,7 @@ from greenmim.mim import split_mim_state_dict
 from .checkpoint import check_model_metadata, load_weights_into, read_training_state, read_weights
 from .data import DATA_FORMATS, build_dataset, collate_images
 from .distributed import DistInfo, all_reduce_sum, init_distributed
-from .engine import LoopConfig, NonFiniteLossError, Trainer, TrainSummary
+from .engine import LoopConfig, NonFiniteLossError, Trainer, TrainSummary, steps_per_epoch
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .config import add_config_arguments, amp_dtype, config_from_args, derived_seed
 from .transforms import eval_transform, finetune_transform
@@ -204,12 +204,12 @@ def finetune(cfg: FinetuneConfig) -> TrainSummary:
                       num_workers=cfg.num_workers, seed=cfg.seed, max_steps=cfg.max_steps, clip_grad=cfg.clip_grad,
                       save_every=cfg.save_every, keep_last=cfg.keep_last, log_every=cfg.log_every)
     output_dir = Path(cfg.output_dir)
-    trainer = Trainer(model=model, train_model=train_model, optimizer=optimizer, scheduler=None, dataset=dataset,
+    epoch_steps = steps_per_epoch(dataset, loop, info)
+    scheduler = build_scheduler(optimizer, cfg.epochs * epoch_steps, round(cfg.warmup_epochs * epoch_steps), cfg.min_lr)
+    trainer = Trainer(model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler, dataset=dataset,
                       loss_fn=loss_fn, config=loop, info=info, output_dir=output_dir, metadata=metadata,
                       run_config=asdict(cfg), amp_dtype=amp, on_epoch_end=on_epoch_end,
                       best_metric=('val_top1', 'max') if val_dataset is not None else ('train_loss', 'min'))
-    trainer.scheduler = build_scheduler(optimizer, trainer.total_steps,
-                                        round(cfg.warmup_epochs * trainer.steps_per_epoch), cfg.min_lr)
     if cfg.resume:
         trainer.load_state_dict(read_training_state(cfg.resume))
     if info.is_main:

@@ -22,7 +22,7 @@ from .config import add_config_arguments, amp_dtype, config_from_args, derived_s
 from .checkpoint import check_model_metadata, load_weights_into, read_training_state, read_weights
 from .data import DATA_FORMATS, build_dataset
 from .distributed import init_distributed
-from .engine import LoopConfig, NonFiniteLossError, Trainer, TrainSummary
+from .engine import LoopConfig, NonFiniteLossError, Trainer, TrainSummary, steps_per_epoch
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .reconstruction import save_reconstruction_grid
 from .transforms import eval_transform, pretrain_transform
@@ -159,12 +159,12 @@ def pretrain(cfg: PretrainConfig) -> TrainSummary:
     loop = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, accum_iter=cfg.accum_iter,
                       num_workers=cfg.num_workers, seed=cfg.seed, max_steps=cfg.max_steps, clip_grad=cfg.clip_grad,
                       save_every=cfg.save_every, keep_last=cfg.keep_last, log_every=cfg.log_every)
-    trainer = Trainer(model=model, train_model=train_model, optimizer=optimizer, scheduler=None, dataset=dataset,
+    epoch_steps = steps_per_epoch(dataset, loop, info)
+    scheduler = build_scheduler(optimizer, cfg.epochs * epoch_steps, round(cfg.warmup_epochs * epoch_steps), cfg.min_lr)
+    trainer = Trainer(model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler, dataset=dataset,
                       loss_fn=loss_fn, config=loop, info=info, output_dir=output_dir, metadata=metadata,
                       run_config=asdict(cfg), amp_dtype=amp_dtype(cfg.amp, info.device),
                       on_epoch_end=on_epoch_end, mask_generator=mask_generator)
-    trainer.scheduler = build_scheduler(optimizer, trainer.total_steps,
-                                        round(cfg.warmup_epochs * trainer.steps_per_epoch), cfg.min_lr)
     if cfg.resume:
         trainer.load_state_dict(read_training_state(cfg.resume))
     if info.is_main:
