@@ -1,5 +1,8 @@
 """Reading and verifying checkpoint files, with errors that say what is wrong."""
+import argparse
 import hashlib
+import pickle
+import re
 from pathlib import Path
 from typing import Dict, Mapping, Union
 
@@ -35,7 +38,16 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     try:
         if path.suffix == '.safetensors':
             return safetensors.torch.load_file(path, device='cpu')
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        # training scripts (MAE, SimMIM, GreenMIM) save their argparse.Namespace next to the weights
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        raise ValueError(
+            f'checkpoint {path} holds Python objects other than tensors and plain containers '
+            f'({found.group(1) if found else "see the cause"}), which are not unpickled for safety. If you trust '
+            'the file, re-save its state dict alone: torch.save(torch.load(path, weights_only=False)["model"], '
+            'new_path)') from e
     except Exception as e:  # safetensors and torch raise several types for the same kinds of damage
         raise ValueError(
             f'checkpoint {path} ({size} bytes) cannot be read: it is truncated, corrupt or not a '

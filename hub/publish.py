@@ -57,11 +57,13 @@ def build_repo_folder(
         model_kwargs: Optional[dict] = None,
         decoder_heads: int = 16,
         status: str = 'not-published',
+        decoder_checkpoint: Optional[Path] = None,
 ) -> Release:
     """Write the repository folder of ``release`` from ``checkpoint`` into ``out`` (created, must be empty).
 
     A ``.mim_*`` release takes a full GreenMIM/SimMIM state dict (``encoder.*`` and decoder keys, e.g. a training
-    checkpoint or the output of :mod:`greenmim.hub.convert`); a fine-tuned release takes a classifier state dict.
+    checkpoint or the output of :mod:`greenmim.hub.convert`), or the encoder in timm's layout plus
+    ``decoder_checkpoint`` (as ``greenmim export`` writes them); a fine-tuned release takes a classifier state dict.
     Both are verified key by key against the model built from ``release.model`` and ``model_kwargs``.
 
     Returns:
@@ -72,6 +74,8 @@ def build_repo_folder(
     if out.exists() and any(out.iterdir()):
         raise ValueError(f'output folder {out} is not empty')
     state_dict = read_state_dict(checkpoint)
+    if decoder_checkpoint is not None:
+        state_dict = {f'encoder.{k}': v for k, v in state_dict.items()} | read_state_dict(decoder_checkpoint)
     has_encoder = any(k.startswith('encoder.') for k in state_dict)
     if release.is_mim != has_encoder:
         raise ValueError(
@@ -106,12 +110,16 @@ def build_repo_folder(
     return release
 
 
-def upload(folder: Path, release: Release, private: bool = False, revision: Optional[str] = None) -> str:
-    """Create ``release.hub_id`` if needed and upload ``folder``; the token comes from ``HF_TOKEN``."""
+def _token() -> str:
     token = os.environ.get('HF_TOKEN')
     if not token:
         raise ValueError('set HF_TOKEN to a Hub token with write access to upload (or use --dry-run)')
-    api = HfApi(token=token, library_name='greenmim')
+    return token
+
+
+def upload(folder: Path, release: Release, private: bool = False, revision: Optional[str] = None) -> str:
+    """Create ``release.hub_id`` if needed and upload ``folder``; the token comes from ``HF_TOKEN``."""
+    api = HfApi(token=_token(), library_name='greenmim')
     api.create_repo(release.hub_id, private=private, exist_ok=True)
     commit = api.upload_folder(repo_id=release.hub_id, folder_path=folder, revision=revision,
                                commit_message=f'Add {release.name} weights')
@@ -120,6 +128,8 @@ def upload(folder: Path, release: Release, private: bool = False, revision: Opti
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('checkpoint', type=Path, help='weights to publish (.safetensors / .pth)')
+    parser.add_argument('--decoder', type=Path,
+                        help='MIM decoder file, when the checkpoint is the encoder alone (greenmim export output)')
     parser.add_argument('--model', required=True, help='e.g. green_swin_base')
     parser.add_argument('--tag', required=True, help='e.g. mim_in1k or mim_in1k_ft_in1k')
     parser.add_argument('--out', type=Path, required=True, help='repository folder to write (empty or new)')
@@ -138,8 +148,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    release = build_repo_folder(args.checkpoint, _release(args), args.out, args.model_kwargs, args.decoder_heads,
-                                status='not-published' if args.dry_run else 'published')
+    if not args.dry_run:
+        _token()  # fail before building anything
+    release = build_repo_folder(
+        args.checkpoint, _release(args), args.out, args.model_kwargs, args.decoder_heads,
+        status='not-published' if args.dry_run else 'published', decoder_checkpoint=args.decoder)
     print(f'wrote {args.out}: {", ".join(sorted(p.name for p in args.out.iterdir()))}')
     if not args.dry_run:
         print(f'uploaded: {upload(args.out, release, args.private, args.revision)}')

@@ -111,6 +111,20 @@ def test_publish_refuses_bad_input(mim, published, tmp_path, monkeypatch):
     monkeypatch.delenv('HF_TOKEN', raising=False)
     with pytest.raises(ValueError, match='set HF_TOKEN'):
         run_publish(mim[1], *common, '--tag', 'mim_in1k', '--out', tmp_path / 'c')
+    assert not (tmp_path / 'c').exists()
+
+
+def test_publish_takes_encoder_and_decoder_files(mim, published, tmp_path):
+    """``greenmim export`` writes the encoder (timm layout) and the decoder apart: same repository."""
+    encoder, decoder = greenmim.mim.split_mim_state_dict(mim[0].state_dict())
+    safetensors.torch.save_file(encoder, tmp_path / 'model.safetensors')
+    safetensors.torch.save_file(decoder, tmp_path / 'decoder.safetensors')
+    run_publish(tmp_path / 'model.safetensors', '--decoder', tmp_path / 'decoder.safetensors',
+                '--model', 'green_swin_tiny', '--tag', 'mim_in1k', '--out', tmp_path / 'repo', '--dry-run',
+                '--model-kwargs', json.dumps(TINY), '--decoder-heads', 4)
+    for name in ('model.safetensors', 'mim_decoder.safetensors'):  # (header metadata order is not reproducible)
+        ours, reference = (safetensors.torch.load_file(d / name) for d in (tmp_path / 'repo', published[0]))
+        assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
 
 
 def test_loads_from_file_and_local_dir(mim, published):

@@ -1,4 +1,5 @@
 """Conversion of the authors' GreenMIM / SimMIM / fine-tuned checkpoints (built here in their exact key layout)."""
+import argparse
 import json
 import re
 
@@ -41,7 +42,9 @@ def authors_greenmim(mim):
     model = {f'encoder.{k}': v for k, v in to_authors_swin(encoder, mim.encoder).items()}
     model.update({k: v.clone() for k, v in decoder.items()})
     model['decoder_pos_embed'] = mim.decoder_pos_embed.clone()  # a frozen parameter there
-    return {'model': model, 'epoch': 99}
+    args = argparse.Namespace(model='green_mim_swin_base_patch4_dec512b1', mask_ratio=0.75, norm_pix_loss=True)
+    return {'model': model, 'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-4}]}, 'epoch': 99,
+            'scaler': {'scale': 65536.0}, 'args': args}
 
 
 def early_merge_weights(state_dict):
@@ -155,6 +158,13 @@ def test_encoder_without_decoder_needs_an_explicit_kind(green):
     encoder_only = {k: v for k, v in authors_greenmim(green)['model'].items() if k.startswith('encoder.')}
     with pytest.raises(ValueError, match='no known decoder'):
         convert.convert_state_dict(encoder_only, 'green_swin_tiny', **TINY)
+
+
+def test_unsafe_pickle_is_refused_with_a_reason(tmp_path):
+    path = tmp_path / 'ckpt.pth'
+    torch.save({'model': {}, 'callback': PatchMerging}, path)
+    with pytest.raises(ValueError, match=r'PatchMerging\), which are not unpickled for safety'):
+        convert.main([str(path), str(tmp_path / 'out.safetensors'), '--model', 'green_swin_tiny'])
 
 
 def test_bad_merge_order_name():
