@@ -1,6 +1,7 @@
 """Publishing (dry run), model cards, and loading published weights: from a file, a local folder, a real local
 Hub endpoint (olah serving a git repository, ``HF_ENDPOINT``) and the HF cache offline; and every error case."""
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -18,7 +19,8 @@ import torch
 from huggingface_hub import ModelCard
 
 import greenmim
-from greenmim.hub import load_manifest, publish
+from greenmim.hub import Metric, load_manifest, publish
+from greenmim.hub.manifest import write_release
 from greenmim.hub.checkpoint import sha256_file
 from greenmim.hub.loading import load_mim_pretrained, load_pretrained
 
@@ -303,3 +305,26 @@ def test_pretrained_download_from_hub_endpoint_then_offline_cache(mim, published
     for label in ('registry', 'hf-hub', 'helper'):
         assert offline[label] == expected, (label, str(offline[label])[:300])
     assert 'is not in the HF cache' in offline['missing'] and 'HF_HUB_OFFLINE=1' in offline['missing']
+
+
+def test_manifest_entries_are_validated_and_written(tmp_path):
+    shipped = load_manifest()
+    assert {r.hub_id for r in shipped.values()} == {f'greenmim/{name}' for name in shipped}
+    assert not any(r.published for r in shipped.values())
+    release = shipped[NAME]
+    with pytest.raises(ValueError, match='needs sha256 and source_checkpoint'):
+        dataclasses.replace(release, status='published')
+    with pytest.raises(ValueError, match='full "org/name" id outside timm/'):
+        dataclasses.replace(release, hub_id='timm/green_swin_tiny.mim_in1k')
+    with pytest.raises(ValueError, match='status'):
+        dataclasses.replace(release, status='uploaded')
+    with pytest.raises(ValueError, match='has no command'):
+        Metric('top1', 80.0, 'imagenet-1k/validation', '')
+    path = tmp_path / 'manifest.json'
+    published_release = dataclasses.replace(release, status='published', sha256='ab' * 32, source_checkpoint='run-1')
+    write_release(release, path)
+    write_release(published_release, path)  # replaces the entry of the same model.tag
+    assert load_manifest(path) == {NAME: published_release}
+    path.write_text(json.dumps({'releases': [release.to_dict(), release.to_dict()]}))
+    with pytest.raises(ValueError, match='listed twice'):
+        load_manifest(path)
