@@ -119,3 +119,24 @@ def test_cli_pretrain_with_grad_accumulation(photos, tmp_path):
     assert (tmp_path / 'reconstructions' / 'epoch-0001.png').is_file()
     assert torch.isfinite(torch.tensor([json.loads(l)['loss'] for l in (tmp_path / 'log.jsonl').read_text().splitlines()
                                         if '"step"' in l])).all()
+
+
+def test_reconstruction_undoes_the_per_unit_normalisation():
+    from types import SimpleNamespace
+    from greenmim.mim import patchify
+    from greenmim.train.reconstruction import reconstruct
+
+    class PerfectPredictor(torch.nn.Module):
+        """Predicts exactly the per-unit normalised target, as GreenMIM's loss asks."""
+        unit, grid_size, norm_pix_loss = 32, (2, 3), True
+
+        def forward(self, images, mask):
+            target = patchify(images, self.unit)
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            return SimpleNamespace(pred=(target - mean) / (var + 1e-6) ** .5)
+
+    images = torch.randn(2, 3, 64, 96) * 2 + 0.5
+    mask = torch.tensor([[True, False, False], [False, True, False]])
+    masked, recon = reconstruct(PerfectPredictor(), images, mask)
+    torch.testing.assert_close(recon, images, atol=1e-4, rtol=1e-4)
+    assert torch.equal(masked[..., :32, :32], images[..., :32, :32]) and not masked[..., :32, 32:].any()
