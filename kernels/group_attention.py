@@ -9,7 +9,7 @@ that the backward uses to recompute the probabilities.
 
 Whether kernels run compiled or in Triton's CPU interpreter is fixed by ``TRITON_INTERPRET`` when they are decorated
 (``@triton.jit``): Triton's own library (``tl.max``, ``tl.sum``) is decorated when ``triton`` is imported, so the
-variable must be set in the environment before Python starts; this module checks that its kernels agree.
+variable must be set in the environment before Python starts (this module refuses to load otherwise).
 """
 import math
 from typing import Tuple
@@ -232,10 +232,10 @@ def _group_attention_bwd_q_kernel(
 
 
 INTERPRETED = not isinstance(_group_attention_fwd_kernel, triton.runtime.JITFunction)
-if INTERPRETED == isinstance(tl.max, triton.runtime.JITFunction):
+if INTERPRETED and isinstance(tl.max, triton.runtime.JITFunction):
     raise RuntimeError(
-        'TRITON_INTERPRET changed between the import of triton and of these kernels: Triton decorates its own '
-        'library when it is imported, so set TRITON_INTERPRET=1 in the environment before Python starts')
+        'TRITON_INTERPRET=1 was set after triton was imported: Triton decorates its own library (tl.max, tl.sum) '
+        'when it is imported, so set TRITON_INTERPRET=1 in the environment before Python starts')
 
 
 def _launch_config(qkv: torch.Tensor, group_size: int) -> dict:
