@@ -9,7 +9,8 @@ groups, materialise the ``[G, H, S, S]`` bias + mask, ``F.scaled_dot_product_att
 (c) ``flex`` (FlexAttention over the flattened slots with a block mask and a bias ``score_mod``; ``create_block_mask``
 timed separately) and (d) ``reference`` (the eager PyTorch op); achieved bandwidth of ``ours`` against the minimal
 bytes; and a whole GreenMIM(green_swin_base) training step (bf16 autocast, AdamW) with GREENMIM_BACKEND=triton vs
-torch. Results go to ``<out>/group_attention_<device>.json``.
+torch. Bandwidth is also given as a fraction of a large device copy's (``copy_GBps``, the practical ceiling).
+Results go to ``<out>/group_attention_<device>.json``.
 """
 import argparse
 import os
@@ -171,7 +172,17 @@ def bench_layout(layout, num_tokens, heads, head_dim, dtype, device, args, flex)
         ours = result['ours']
         ours['fwd_GBps'] = fwd_bytes / ours['fwd_ms'] / 1e6
         ours['fwd_bwd_GBps'] = (fwd_bytes + bwd_bytes) / ours['fwd_bwd_ms'] / 1e6
+        result['speedup_of_ours'] = {
+            name: dict(fwd=entry['fwd_ms'] / ours['fwd_ms'], fwd_bwd=entry['fwd_bwd_ms'] / ours['fwd_bwd_ms'])
+            for name, entry in result.items() if name in methods and name != 'ours' and 'fwd_bwd_ms' in entry}
     return result
+
+
+def copy_bandwidth_GBps(device, args) -> float:
+    """Achieved bandwidth of a large device copy (read + write), the practical ceiling for a memory-bound kernel."""
+    x = torch.empty(2 ** 26 if args.smoke else 2 ** 28, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    return 2 * x.numel() * x.element_size() / median_ms(lambda: y.copy_(x), args.repeats, args.warmup, device) / 1e6
 
 
 def bench_training_step(args, device):
@@ -234,8 +245,13 @@ def main(argv=None):
                 row.update(stage=s + 1, shift=list(shift))
                 layouts.append(row)
                 print({k: v for k, v in row.items() if k not in ('min_bytes',)}, flush=True)
+    copy_GBps = copy_bandwidth_GBps(device, args)
+    for row in layouts:
+        if 'fwd_bwd_GBps' in row['ours']:
+            row['ours']['fwd_fraction_of_copy_bandwidth'] = row['ours']['fwd_GBps'] / copy_GBps
+            row['ours']['fwd_bwd_fraction_of_copy_bandwidth'] = row['ours']['fwd_bwd_GBps'] / copy_GBps
     result = dict(kind='group_attention', dtype=str(dtype), batch_size=args.batch_size, model=args.model,
-                  mask_ratio=0.75, smoke=args.smoke, layouts=layouts)
+                  mask_ratio=0.75, smoke=args.smoke, copy_GBps=copy_GBps, layouts=layouts)
     if not args.skip_step:
         result['training_step'] = bench_training_step(args, device)
         print(result['training_step'], flush=True)
