@@ -52,6 +52,8 @@ def group_window_attention_reference(
     scores = scores.masked_fill(~allowed[:, None], float('-inf'))
     out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype) @ v  # [G, H, S, D]
     flat = out.transpose(1, 2).reshape(-1, heads, dim)
-    slot_of_token = torch.empty(num_tokens, dtype=torch.long, device=index.device)
-    slot_of_token[index[valid].long()] = torch.nonzero(valid.flatten()).squeeze(1)
-    return flat.index_select(0, slot_of_token)
+    # inverse of the index map (padding slots all land on a spare entry T), with static shapes for torch.compile
+    target = torch.where(valid, index.long(), num_tokens).flatten()
+    slots = torch.arange(target.numel(), device=index.device)
+    slot_of_token = torch.zeros(num_tokens + 1, dtype=torch.long, device=index.device).scatter_(0, target, slots)
+    return flat.index_select(0, slot_of_token[:num_tokens])

@@ -1,4 +1,6 @@
 """green_swin: timm compatibility, forward_visible vs an independent dense computation, input checks."""
+import os
+
 import pytest
 import timm
 import torch
@@ -147,3 +149,22 @@ def test_other_image_size_via_kwargs():
     with torch.no_grad():
         for o, d in zip(model.forward_visible(x, mask), dense_key_masked_stages(model, x, mask)):
             assert _rel_err(o, d) < 1e-5
+
+
+@pytest.mark.parametrize('backend', ['torch', 'triton'])
+def test_forward_visible_compiles_without_graph_breaks(backend, monkeypatch):
+    if backend == 'triton' and os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available():
+        pytest.skip('Triton needs CUDA or TRITON_INTERPRET=1 at start-up')
+    monkeypatch.setenv('GREENMIM_BACKEND', backend)
+    model = _model('green_swin_tiny', img_size=64, window_size=2, depths=(2, 2, 2, 2), embed_dim=32,
+                   num_heads=(1, 2, 4, 8))
+    x = torch.randn(2, 3, 64, 64)
+    mask = torch.tensor([[True, False], [True, True]])
+    layout = model.visible_layout(mask, 2)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward_visible, fullgraph=True, backend='eager')
+    with torch.no_grad():
+        for a, b in zip(compiled(x, mask, layout), model.forward_visible(x, mask, layout)):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(Exception, match='layout'):
+        compiled(x, mask)

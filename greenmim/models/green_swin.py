@@ -117,18 +117,23 @@ class GreenSwinTransformer(SwinTransformer):
         Args:
             x: images ``[B, C, H, W]``, ``H, W`` the model's image size (multiples of :attr:`mask_unit_size`).
             mask: bool ``[H / 32, W / 32]``, True = visible, shared by the batch.
-            layout: :meth:`visible_layout` of ``mask`` for this batch size, if already computed.
+            layout: :meth:`visible_layout` of ``mask`` for this batch size, if already computed (required under
+                ``torch.compile``, which then traces the whole encoder without graph breaks).
 
         Returns:
             One tensor per stage, ``[B, N_s, C_s]``: the visible tokens in raster order (stage outputs, before the
             final norm), equal to the dense forward at those positions when window attention also masks out the
             keys of masked tokens.
         """
-        self.check_visible_input(x, mask)
-        if self.training and any(b.attn.attn_drop.p > 0 for s in self.layers for b in s.blocks):
-            raise ValueError('forward_visible does not implement attention dropout; build with attn_drop_rate=0')
-        if layout is None:
-            layout = self.visible_layout(mask, x.shape[0], x.device)
+        if torch.compiler.is_compiling():  # checks and layout are host work: done before the compiled region
+            if layout is None:
+                raise ValueError('under torch.compile, pass layout=model.visible_layout(mask, batch_size)')
+        else:
+            self.check_visible_input(x, mask)
+            if self.training and any(b.attn.attn_drop.p > 0 for s in self.layers for b in s.blocks):
+                raise ValueError('forward_visible does not implement attention dropout; build with attn_drop_rate=0')
+            if layout is None:
+                layout = self.visible_layout(mask, x.shape[0], x.device)
         outputs = []
         for stage, stage_layout in zip(self.layers, layout):
             if stage_layout.merge_index is None:
