@@ -73,6 +73,12 @@ class _MIMBase(nn.Module):
         """A random bool ``[Hm, Wm]`` mask (True = visible) on the CPU."""
         return random_mask(self.grid_size, self.mask_ratio, generator)
 
+    def _checked_mask(self, images, mask, generator) -> torch.Tensor:
+        """``mask``, or a sampled one, after checking it and ``images`` against the encoder."""
+        mask = self.sample_mask(generator) if mask is None else mask
+        self.encoder.check_visible_input(images, mask)
+        return mask
+
 
 class GreenMIM(_MIMBase):
     """GreenMIM: green encoder on visible tokens + MAE-style decoder predicting the masked units' pixels.
@@ -137,8 +143,7 @@ class GreenMIM(_MIMBase):
             generator: Optional[torch.Generator] = None,
     ) -> MIMOutput:
         """Images ``[B, C, H, W]`` -> :class:`MIMOutput`; ``mask`` (bool ``[Hm, Wm]``) is sampled when not given."""
-        mask = self.sample_mask(generator) if mask is None else mask
-        self.encoder.check_visible_input(images, mask)
+        mask = self._checked_mask(images, mask, generator)
         layout = self.encoder.visible_layout(mask, images.shape[0], images.device, self.group_size)
         latent = self.encoder.norm(self.encoder.forward_visible(images, mask, layout)[-1])
         pred = self.forward_decoder(latent, layout[-1].token_index)
@@ -166,8 +171,7 @@ class SimMIM(_MIMBase):
             mask: Optional[torch.Tensor] = None,
             generator: Optional[torch.Generator] = None,
     ) -> MIMOutput:
-        mask = self.sample_mask(generator) if mask is None else mask
-        self.encoder.check_visible_input(images, mask)
+        mask = self._checked_mask(images, mask, generator)
         enc = self.encoder
         x = enc.patch_embed(images)  # [B, Rh, Rw, E]
         factor = x.shape[1] // self.grid_size[0]
