@@ -262,7 +262,8 @@ class Trainer:
                     bar.update(1)
                     if self.step % cfg.log_every == 0:
                         self._log({'type': 'step', 'step': self.step, 'epoch': self.epoch, 'loss': step_loss,
-                                   'lr': lr, 'img_per_s': speed, 'images': step_images * info.world_size})
+                                   'lr': lr, 'img_per_s': speed, 'images': step_images * info.world_size,
+                                   'elapsed_s': now - start_time})
                     step_loss, step_images = 0.0, 0
                     if stop['stop'] or (cfg.max_steps and self.step >= cfg.max_steps):
                         summary.interrupted = bool(stop['stop'])
@@ -278,11 +279,10 @@ class Trainer:
                 if info.is_main:
                     bar.write(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                                        for k, v in metrics.items()))
-                is_best = self._is_better(metrics[self.best_name])
-                if is_best:
-                    self.best = metrics[self.best_name]
                 self.epoch, self.micro_in_epoch, self.epoch_loss = self.epoch + 1, 0, [0.0, 0]
                 if self.epoch % cfg.save_every == 0 or self.epoch == cfg.epochs:
+                    is_best = self._is_better(metrics[self.best_name])  # best among the saved epochs
+                    self.best = metrics[self.best_name] if is_best else self.best
                     summary.last_checkpoint = self._save(best=is_best)
         return self._finish(summary, bar, start_time)
 

@@ -73,7 +73,7 @@ class PretrainConfig:
     output_dir: str = 'runs/pretrain'
     resume: Optional[str] = None
     max_steps: Optional[int] = None
-    save_every: int = 1
+    save_every: int = 10                 # epochs between checkpoints (the last epoch, Ctrl-C and max_steps always save)
     keep_last: int = 2
     vis_every: int = 1                   # epochs between reconstruction PNGs (0: never)
     vis_images: int = 4
