@@ -216,7 +216,7 @@ def finetune(cfg: FinetuneConfig) -> TrainSummary:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / 'config.json').write_text(json.dumps(asdict(cfg), indent=1))
         print(f'{"linear probe" if cfg.linear_probe else "finetune"} {cfg.model} @ {cfg.input_size}px, '
-              f'{num_classes} classes, {len(dataset)} training images per rank'
+              f'{num_classes} classes, {len(dataset)} training images'
               f'{f", {len(val_dataset)} validation images" if val_dataset is not None else ""}, '
               f'effective batch {effective_batch}, lr {lr:.3g}', flush=True)
     summary = trainer.fit()

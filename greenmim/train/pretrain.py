@@ -168,10 +168,11 @@ def pretrain(cfg: PretrainConfig) -> TrainSummary:
     if cfg.resume:
         trainer.load_state_dict(read_training_state(cfg.resume))
     if info.is_main:
+        num_images = len(dataset) * (info.world_size if isinstance(dataset, IterableDataset) else 1)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / 'config.json').write_text(json.dumps(asdict(cfg), indent=1))
         print(f'pretrain {cfg.method} {cfg.model} @ {cfg.input_size}px on {cfg.data or "the embedded sample photos"}'
-              f' ({len(dataset)} images per rank, {dataset.num_ignored} non-image files ignored), '
+              f' ({num_images} images, {dataset.num_ignored} non-image files ignored), '
               f'{info.world_size} process(es) on {info.device}, effective batch {effective_batch}, lr {lr:.3g}, '
               f'{trainer.steps_per_epoch} steps/epoch x {cfg.epochs} epochs'
               + (f', resuming at step {trainer.step}' if cfg.resume else ''), flush=True)
