@@ -20,7 +20,7 @@ COMMANDS = {
 
 
 def _summary(module) -> str:
-    return (module.__doc__ or '').strip().splitlines()[0] if module.__doc__ else ''
+    return (module.__doc__ or '').strip().splitlines()[0].replace('``', '') if module.__doc__ else ''
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
