@@ -74,7 +74,7 @@ class FinetuneConfig:
     mixup: float = 0.8
     cutmix: float = 1.0
     smoothing: float = 0.1
-    auto_augment: str = 'rand-m9-mstd0.5-inc1'
+    auto_augment: str = 'rand-m9-mstd0.5-inc1-mmax9'  # mmax9: see transforms.finetune_transform
     reprob: float = 0.25
     # run
     amp: str = 'auto'
