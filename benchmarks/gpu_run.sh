@@ -4,7 +4,8 @@
 #     OUT=/some/dir bash benchmarks/gpu_run.sh
 # Installs the project (no dependency changes), runs the `gpu` tests (compiled kernels vs the float64 reference at
 # Swin-B shapes, bitwise-deterministic bias gradients), then the benchmark at Swin-B stage shapes (batch 128, bf16)
-# and the whole GreenMIM training step. Everything lands under $OUT (default benchmarks/results/gpu_run).
+# and the whole GreenMIM training step, then GreenMIM vs SimMIM step time and peak memory (Swin-B/L, batch 128,
+# bf16). Everything lands under $OUT (default benchmarks/results/gpu_run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu_run}"
@@ -27,6 +28,10 @@ test_rc=$?
 python benchmarks/bench_group_attention.py --out "$OUT" > "$OUT/bench_group_attention.log" 2>&1
 bench_rc=$?
 
-echo "install rc=$install_rc  gpu tests rc=$test_rc  benchmark rc=$bench_rc" | tee "$OUT/status.txt"
+python benchmarks/bench_mim_step.py --models green_swin_base green_swin_large --batch-size 128 --amp bf16 \
+  --steps 10 --warmup 3 --out "$OUT/mim_step_gpu.json" > "$OUT/bench_mim_step.log" 2>&1
+step_rc=$?
+
+echo "install rc=$install_rc  gpu tests rc=$test_rc  benchmark rc=$bench_rc  mim step rc=$step_rc" | tee "$OUT/status.txt"
 tail -n 3 "$OUT/pytest_gpu.log"
-exit $(( install_rc || test_rc || bench_rc ))
+exit $(( install_rc || test_rc || bench_rc || step_rc ))
