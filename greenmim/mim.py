@@ -3,6 +3,7 @@
 Both take images ``[B, C, H, W]`` and return :class:`MIMOutput` with ``pred`` as per-unit pixels ``[B, L, u*u*C]``
 (``L`` mask units of ``u x u`` pixels, raster order; pixel layout ``(row, col, channel)`` inside a unit).
 """
+import json
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import timm
@@ -14,7 +15,10 @@ from torch import nn
 
 from greenmim.masking import random_mask
 
-__all__ = ['MIMOutput', 'GreenMIM', 'SimMIM', 'patchify', 'unpatchify', 'split_mim_state_dict']
+__all__ = ['MIMOutput', 'GreenMIM', 'SimMIM', 'patchify', 'unpatchify', 'split_mim_state_dict', 'DECODER_FILE',
+           'mim_metadata', 'mim_from_metadata']
+
+DECODER_FILE = 'mim_decoder.safetensors'  # the decoder part of a MIM checkpoint, beside the encoder's weights
 
 
 class MIMOutput(NamedTuple):
@@ -73,6 +77,10 @@ class _MIMBase(nn.Module):
         """A random bool ``[Hm, Wm]`` mask (True = visible) on the CPU."""
         return random_mask(self.grid_size, self.mask_ratio, generator)
 
+    def wrapper_kwargs(self) -> dict:
+        """Keyword arguments that rebuild this wrapper (decoder included) around the same encoder."""
+        return {'mask_ratio': self.mask_ratio}
+
     def _checked_mask(self, images, mask, generator) -> torch.Tensor:
         """``mask``, or a sampled one, after checking it and ``images`` against the encoder."""
         mask = self.sample_mask(generator) if mask is None else mask
@@ -106,6 +114,7 @@ class GreenMIM(_MIMBase):
         super().__init__(encoder, mask_ratio, **encoder_kwargs)
         self.norm_pix_loss = norm_pix_loss
         self.group_size = group_size
+        self.decoder_heads = decoder_heads
         self.decoder_embed = nn.Linear(self.encoder.num_features, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.register_buffer(
@@ -118,6 +127,11 @@ class GreenMIM(_MIMBase):
 
     def no_weight_decay(self):
         return {f'encoder.{n}' for n in self.encoder.no_weight_decay()} | {'mask_token'}
+
+    def wrapper_kwargs(self) -> dict:
+        return dict(super().wrapper_kwargs(), decoder_dim=self.decoder_embed.out_features,
+                    decoder_depth=len(self.decoder_blocks), decoder_heads=self.decoder_heads,
+                    norm_pix_loss=self.norm_pix_loss, group_size=self.group_size)
 
     def forward_decoder(self, latent: torch.Tensor, visible_units: torch.Tensor) -> torch.Tensor:
         """Final-stage tokens ``[B, n, C]`` at units ``visible_units [n]`` -> pixels of every unit ``[B, L, u*u*C]``."""
@@ -183,3 +197,16 @@ class SimMIM(_MIMBase):
         l1 = (recon.float() - images.float()).abs() * hidden
         loss = l1.sum() / (hidden.sum() * images.shape[0] * images.shape[1])
         return MIMOutput(loss, patchify(recon, self.unit), mask)
+
+
+def mim_metadata(mim: nn.Module) -> Dict[str, str]:
+    """Safetensors metadata naming the wrapper of a MIM checkpoint: ``mim_class`` and ``mim_kwargs`` (JSON)."""
+    return {'mim_class': type(mim).__name__, 'mim_kwargs': json.dumps(mim.wrapper_kwargs())}
+
+
+def mim_from_metadata(encoder: nn.Module, metadata: Dict[str, str]) -> nn.Module:
+    """The :class:`GreenMIM` / :class:`SimMIM` described by :func:`mim_metadata`, around ``encoder``."""
+    cls = {'GreenMIM': GreenMIM, 'SimMIM': SimMIM}.get(metadata.get('mim_class'))
+    if cls is None:
+        raise ValueError(f'metadata "mim_class" is {metadata.get("mim_class")!r}, not GreenMIM or SimMIM')
+    return cls(encoder, **json.loads(metadata.get('mim_kwargs', '{}')))

@@ -7,7 +7,6 @@ and overlays (plus ``dict(hf_hub_id="local-dir:/path")``), but resolves and read
 a missing repository, a missing, truncated or corrupt file, a checkpoint of another architecture or a tag whose
 weights are not published yet each raise an error naming the problem.
 """
-import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -18,13 +17,14 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, 
 from timm.models import parse_model_name
 from torch import nn
 
+from greenmim.mim import DECODER_FILE, mim_from_metadata
+
 from .checkpoint import read_state_dict, sha256_file, verify_state_dict
 from .manifest import load_manifest
 
 __all__ = ['WEIGHTS_FILE', 'DECODER_FILE', 'load_pretrained', 'load_mim_pretrained', 'resolve_weights']
 
 WEIGHTS_FILE = 'model.safetensors'
-DECODER_FILE = 'mim_decoder.safetensors'
 _LOCAL_DIR = 'local-dir:'
 
 
@@ -160,18 +160,17 @@ def load_mim_pretrained(model_name: str, pretrained_cfg_overlay: Optional[Dict[s
     """A :class:`greenmim.GreenMIM` / :class:`greenmim.SimMIM` (encoder and decoder) from a ``.mim_*`` release, to
     continue pre-training: the encoder as :func:`load_pretrained`, the decoder from ``mim_decoder.safetensors``
     beside it (same repository, folder, or the file's folder)."""
-    from greenmim.mim import GreenMIM, SimMIM  # greenmim imports this package while it initialises
     encoder = load_pretrained(model_name, pretrained_cfg_overlay, **kwargs)
     path = resolve_weights(encoder.pretrained_cfg, DECODER_FILE)
     decoder = read_state_dict(path)
     with safetensors.safe_open(path, 'pt') as f:
         metadata = f.metadata() or {}
-    mim_cls = {'GreenMIM': GreenMIM, 'SimMIM': SimMIM}.get(metadata.get('format'))
-    if mim_cls is None:
-        raise ValueError(f'{path}: metadata "format" is {metadata.get("format")!r}, not GreenMIM or SimMIM')
-    mim = mim_cls(encoder, **json.loads(metadata.get('kwargs', '{}')))
+    try:
+        mim = mim_from_metadata(encoder, metadata)
+    except ValueError as e:
+        raise ValueError(f'{path}: {e}') from None
     reference = {k: v for k, v in mim.state_dict().items() if not k.startswith('encoder.')}
-    verify_state_dict(decoder, reference, f'the {mim_cls.__name__} decoder for {model_name}')
+    verify_state_dict(decoder, reference, f'the {type(mim).__name__} decoder for {model_name}')
     mim.load_state_dict(decoder, strict=False)
     return mim
 

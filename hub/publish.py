@@ -21,7 +21,7 @@ import timm
 from huggingface_hub import HfApi
 from timm.models import save_for_hf
 
-from greenmim.mim import split_mim_state_dict
+from greenmim.mim import mim_metadata, split_mim_state_dict
 
 from .card import render_model_card
 from .checkpoint import read_state_dict, sha256_file, verify_state_dict
@@ -88,11 +88,7 @@ def build_repo_folder(
         mim = build_target(kind, release.model, state_dict, decoder_heads, **model_kwargs)
         verify_state_dict(state_dict, mim.state_dict(), f'{type(mim).__name__} around {release.model}')
         state_dict, decoder = split_mim_state_dict(state_dict)
-        decoder_kwargs = {'mask_ratio': mim.mask_ratio}
-        if kind == 'greenmim':
-            decoder_kwargs.update(decoder_dim=mim.decoder_embed.out_features, decoder_depth=len(mim.decoder_blocks),
-                                  decoder_heads=decoder_heads, norm_pix_loss=mim.norm_pix_loss)
-        decoder_meta = {'format': type(mim).__name__, 'kwargs': json.dumps(decoder_kwargs)}
+        decoder_meta = mim_metadata(mim)
     verify_state_dict(state_dict, model.state_dict(), f'{release.name} ({type(model).__name__})')
     model.load_state_dict(state_dict)
 

@@ -64,6 +64,19 @@ def test_layer_decay_groups_follow_group_matcher():
         assert (id(p) in no_decay) == (p.ndim <= 1 or 'relative_position_bias_table' in name), name
 
 
+def test_export_continues_pretraining_through_the_hub_loader(mim_run, tmp_path):
+    """export's encoder + decoder files rebuild the same GreenMIM with greenmim.hub.load_mim_pretrained."""
+    from greenmim.hub import load_mim_pretrained
+    from greenmim.train.checkpoint import read_weights
+    paths = export(mim_run.output_dir, tmp_path)
+    mim = load_mim_pretrained('green_swin_tiny.mim_in1k', pretrained_cfg_overlay=dict(file=str(paths['model'])),
+                              img_size=64, **TINY['model_kwargs'])
+    weights, _ = read_weights(mim_run.output_dir)
+    state = mim.state_dict()
+    assert type(mim).__name__ == 'GreenMIM' and set(weights) <= set(state)
+    assert all(torch.equal(state[k], weights[k]) for k in weights)
+
+
 def test_export_loads_into_timm(mim_run, tmp_path):
     paths = export(mim_run.output_dir, tmp_path)
     assert set(paths) == {'model', 'decoder'}

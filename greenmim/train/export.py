@@ -1,7 +1,7 @@
 """``greenmim export``: a checkpoint's encoder as timm weights.
 
 Writes ``model.safetensors`` in timm's layout (for a MIM checkpoint: the encoder without the ``encoder.`` prefix
-and no head; for a fine-tuned classifier: the whole model) and, for MIM checkpoints, ``decoder.safetensors`` with
+and no head; for a fine-tuned classifier: the whole model) and, for MIM checkpoints, ``mim_decoder.safetensors`` with
 the decoder and mask token. Load the encoder with::
 
     timm.create_model('green_swin_base.mim_in1k', pretrained=True,
@@ -15,7 +15,7 @@ from typing import Dict, Optional
 import timm
 from safetensors.torch import save_file
 
-from greenmim.mim import split_mim_state_dict
+from greenmim.mim import DECODER_FILE, split_mim_state_dict
 
 from .checkpoint import check_model_metadata, load_weights_into, read_weights, resolve_checkpoint
 
@@ -47,8 +47,8 @@ def export(checkpoint, output_dir, model: Optional[str] = None, verify: bool = T
     paths = {'model': out / 'model.safetensors'}
     save_file({k: v.contiguous() for k, v in encoder.items()}, str(paths['model']), info)
     if decoder:
-        paths['decoder'] = out / 'decoder.safetensors'
-        save_file({k: v.contiguous() for k, v in decoder.items()}, str(paths['decoder']), dict(info, kind='decoder'))
+        paths['decoder'] = out / DECODER_FILE
+        save_file({k: v.contiguous() for k, v in decoder.items()}, str(paths['decoder']), dict(info, kind='decoder', **{k: metadata[k] for k in ('mim_class', 'mim_kwargs') if k in metadata}))
     return paths
 
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 import greenmim
-from greenmim.mim import GreenMIM, SimMIM
+from greenmim.mim import GreenMIM, SimMIM, mim_metadata
 
 from .config import add_config_arguments, amp_dtype, config_from_args, derived_seed
 from .checkpoint import check_model_metadata, load_weights_into, read_training_state, read_weights
@@ -124,7 +124,7 @@ def pretrain(cfg: PretrainConfig) -> TrainSummary:
     model = build_mim_model(cfg).to(info.device)
     metadata = {'format': 'greenmim', 'kind': 'mim', 'method': cfg.method, 'model': cfg.model,
                 'model_kwargs': json.dumps(dict(img_size=cfg.input_size, **cfg.model_kwargs)),
-                'greenmim_version': greenmim.__version__}
+                'greenmim_version': greenmim.__version__, **mim_metadata(model)}
     if cfg.resume:
         weights, meta = read_weights(cfg.resume)
         check_model_metadata(meta, cfg.model, cfg.resume)
