@@ -1,6 +1,9 @@
 """Two-process DDP pre-training on gloo: ranks draw different masks and end with identical weights."""
+import json
 import socket
+import time
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -13,10 +16,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn_two_ranks(config, out_dir, timeout_s: float = 300) -> None:
+    """Run :func:`ddp_worker` on 2 ranks; fail (instead of hanging) if they do not finish in ``timeout_s``."""
+    context = mp.spawn(ddp_worker, args=(2, _free_port(), config, str(out_dir)), nprocs=2, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f'DDP run did not finish in {timeout_s} s (ranks out of step?)')
+
+
 def test_two_process_gloo_run_uses_different_masks_per_rank(tmp_path):
     photos = copy_photos(tmp_path / 'photos', 16)  # 8 per rank: 2 steps of batch 4
     config = tiny_pretrain_config(tmp_path / 'run', data=str(photos), epochs=1, vis_every=1)
-    mp.spawn(ddp_worker, args=(2, _free_port(), config, str(tmp_path)), nprocs=2, join=True)
+    _spawn_two_ranks(config, tmp_path)
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
     assert len(ranks[0]['masks']) == 3 and len(ranks[1]['masks']) == 2  # rank 0 also drew the preview mask
     masks = [torch.stack(r['masks'][-2:]) for r in ranks]  # one mask per micro-batch per rank
@@ -26,3 +40,18 @@ def test_two_process_gloo_run_uses_different_masks_per_rank(tmp_path):
         assert torch.equal(value, ranks[1]['weights'][name]), name
     assert (tmp_path / 'run' / 'checkpoints' / 'step-00000002' / 'model.safetensors').is_file()
     assert (tmp_path / 'run' / 'reconstructions' / 'epoch-0001.png').is_file()
+
+
+def test_micro_batch_unreadable_on_one_rank_is_skipped_by_all_ranks(tmp_path):
+    """With batch 1 and half the files corrupt, some micro-batches are empty on one rank only: every rank must skip
+    them together (a lone skip would leave the other rank waiting in DDP's gradient all-reduce)."""
+    photos = copy_photos(tmp_path / 'photos', 6)
+    for i in range(6):
+        (photos / f'corrupt{i}.jpg').write_bytes(b'\xff\xd8\xff\xe0 not a jpeg')
+    config = tiny_pretrain_config(tmp_path / 'run', data=str(photos), batch_size=1, epochs=1)
+    _spawn_two_ranks(config, tmp_path)
+    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
+    for name, value in ranks[0]['weights'].items():
+        assert torch.equal(value, ranks[1]['weights'][name]), name
+    records = [json.loads(line) for line in (tmp_path / 'run' / 'log.jsonl').read_text().splitlines()]
+    assert [r['images_skipped'] for r in records if r['type'] == 'epoch'] == [6]  # counted over both ranks

@@ -215,11 +215,16 @@ class Trainer:
                     batch: Batch
                     if self.micro_in_epoch >= micro_per_epoch:
                         break
-                    summary.images_skipped += batch.skipped
+                    empty, skipped = batch.images is None, batch.skipped
+                    if info.distributed:  # ranks must run the same collectives: skip a batch empty on any rank
+                        agreed = all_reduce_sum(torch.tensor([float(empty), float(skipped)], device=info.device),
+                                                info).tolist()
+                        empty, skipped = agreed[0] > 0, int(agreed[1])
+                    summary.images_skipped += skipped
                     last_micro = (self.micro_in_epoch + 1) % cfg.accum_iter == 0
                     if self.micro_in_epoch % cfg.accum_iter == 0:
                         self.scheduler.step_update(self.step)
-                    if batch.images is not None:
+                    if not empty:
                         images = batch.images.to(info.device, non_blocking=True)
                         labels = batch.labels.to(info.device, non_blocking=True)
                         sync = nullcontext() if last_micro or not info.distributed else self.train_model.no_sync()
