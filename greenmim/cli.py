@@ -44,6 +44,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f'greenmim {command}: error: {e}', file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a non-finite training loss: the last checkpoint is intact
+        print(f'greenmim {command}: error: {e}', file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f'greenmim {command}: aborted', file=sys.stderr)
         return 130

@@ -31,7 +31,7 @@ from greenmim.mim import split_mim_state_dict
 from .checkpoint import check_model_metadata, load_weights_into, read_training_state, read_weights
 from .data import DATA_FORMATS, build_dataset, collate_images
 from .distributed import DistInfo, all_reduce_sum, init_distributed
-from .engine import LoopConfig, NonFiniteLossError, Trainer, TrainSummary, steps_per_epoch
+from .engine import LoopConfig, Trainer, TrainSummary, steps_per_epoch
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .config import add_config_arguments, amp_dtype, config_from_args, derived_seed
 from .transforms import eval_transform, finetune_transform
@@ -246,9 +246,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        finetune(config_from_args(FinetuneConfig, args))
-    except NonFiniteLossError as e:
-        print(f'error: {e}', flush=True)
-        return 1
+    finetune(config_from_args(FinetuneConfig, args))
     return 0

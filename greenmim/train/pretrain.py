@@ -22,7 +22,7 @@ from .config import add_config_arguments, amp_dtype, config_from_args, derived_s
 from .checkpoint import check_model_metadata, load_weights_into, read_training_state, read_weights
 from .data import DATA_FORMATS, build_dataset
 from .distributed import init_distributed
-from .engine import LoopConfig, NonFiniteLossError, Trainer, TrainSummary, steps_per_epoch
+from .engine import LoopConfig, Trainer, TrainSummary, steps_per_epoch
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .reconstruction import save_reconstruction_grid
 from .transforms import eval_transform, pretrain_transform
@@ -219,9 +219,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        pretrain(config_from_args(PretrainConfig, args))
-    except NonFiniteLossError as e:
-        print(f'error: {e}', flush=True)
-        return 1
+    pretrain(config_from_args(PretrainConfig, args))
     return 0
