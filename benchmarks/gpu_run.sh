@@ -21,6 +21,11 @@ unset TRITON_INTERPRET  # compiled kernels: the interpreter must be off when tri
 
 python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
 install_rc=$?
+# the GPU machine has torch/triton/timm but maybe not pytest: install it from wheels carried in .gpu/wheels
+# (prepare here with: pip download -d .gpu/wheels pytest; then run with carry=[".gpu"])
+if ! python -c 'import pytest' 2>/dev/null && [ -d .gpu/wheels ]; then
+  python -m pip install -q --no-index --find-links .gpu/wheels pytest >> "$OUT/install.log" 2>&1 || install_rc=1
+fi
 
 python -m pytest -m gpu -q -rs tests/test_group_attention_kernel.py > "$OUT/pytest_gpu.log" 2>&1
 test_rc=$?
