@@ -81,11 +81,10 @@ class _MIMBase(nn.Module):
         """Keyword arguments that rebuild this wrapper (decoder included) around the same encoder."""
         return {'mask_ratio': self.mask_ratio}
 
-    def _checked_mask(self, images, mask, generator) -> torch.Tensor:
-        """``mask``, or a sampled one, after checking it and ``images`` against the encoder."""
-        mask = self.sample_mask(generator) if mask is None else mask
-        self.encoder.check_visible_input(images, mask)
-        return mask
+    def _mask_for(self, images, mask, generator) -> torch.Tensor:
+        """``mask``, or a sampled one, after checking ``images`` (the mask is checked with its layout)."""
+        self.encoder.check_images(images)
+        return self.sample_mask(generator) if mask is None else mask
 
 
 class GreenMIM(_MIMBase):
@@ -157,7 +156,7 @@ class GreenMIM(_MIMBase):
             generator: Optional[torch.Generator] = None,
     ) -> MIMOutput:
         """Images ``[B, C, H, W]`` -> :class:`MIMOutput`; ``mask`` (bool ``[Hm, Wm]``) is sampled when not given."""
-        mask = self._checked_mask(images, mask, generator)
+        mask = self._mask_for(images, mask, generator)
         layout = self.encoder.visible_layout(mask, images.shape[0], images.device, self.group_size)
         latent = self.encoder.norm(self.encoder.forward_visible(images, mask, layout)[-1])
         pred = self.forward_decoder(latent, layout[-1].token_index)
@@ -185,7 +184,8 @@ class SimMIM(_MIMBase):
             mask: Optional[torch.Tensor] = None,
             generator: Optional[torch.Generator] = None,
     ) -> MIMOutput:
-        mask = self._checked_mask(images, mask, generator)
+        mask = self._mask_for(images, mask, generator)
+        self.encoder.check_mask(mask)
         enc = self.encoder
         x = enc.patch_embed(images)  # [B, Rh, Rw, E]
         factor = x.shape[1] // self.grid_size[0]

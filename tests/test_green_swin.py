@@ -140,6 +140,8 @@ def test_bad_inputs_raise(images, mask, match):
         model.forward_visible(images, mask)
     with pytest.raises(ValueError, match=match):
         greenmim.GreenMIM(model)(images, mask)
+    with pytest.raises(ValueError, match=match):
+        greenmim.SimMIM(model)(images, mask)
 
 
 def test_other_image_size_via_kwargs():

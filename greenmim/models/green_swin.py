@@ -46,6 +46,11 @@ class GreenSwinTransformer(SwinTransformer):
 
     def check_visible_input(self, x: torch.Tensor, mask: torch.Tensor) -> None:
         """Raise ``ValueError`` naming the problem unless ``x [B, C, H, W]`` and ``mask`` suit this model."""
+        self.check_images(x)
+        self.check_mask(mask)
+
+    def check_images(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` is a float ``[B, C, H, W]`` batch of this model's size and channels."""
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             raise ValueError(f'images must be a [B, C, H, W] tensor, got {getattr(x, "shape", type(x))}')
         if not x.is_floating_point():
@@ -60,7 +65,12 @@ class GreenSwinTransformer(SwinTransformer):
                 f'{self.patch_embed.img_size[1]}); create the model with img_size=({h}, {w})')
         if c != self.in_chans:
             raise ValueError(f'images have {c} channels, the model expects {self.in_chans}')
-        check_mask(mask, (h // unit, w // unit))
+
+    def check_mask(self, mask: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``mask`` is a bool mask-unit grid of this model's image size with a visible
+        unit, and every stage grid holds whole windows."""
+        h, w = self.patch_embed.img_size
+        check_mask(mask, (h // self.mask_unit_size, w // self.mask_unit_size))
         for spec in self.stage_specs():
             for (wh, ww), _ in spec.windows:
                 if spec.grid_size[0] % wh or spec.grid_size[1] % ww:
@@ -75,7 +85,9 @@ class GreenSwinTransformer(SwinTransformer):
             device: Optional[torch.device] = None,
             group_size: Optional[int] = None,
     ) -> List[StageLayout]:
-        """Layout of the visible tokens of every stage for ``mask`` (computed once per step, shared by all blocks)."""
+        """Layout of the visible tokens of every stage for ``mask`` (computed once per step, shared by all blocks);
+        raises ``ValueError`` for a mask that does not suit the model (:meth:`check_mask`)."""
+        self.check_mask(mask)
         device = device if device is not None else self.patch_embed.proj.weight.device
         return build_visible_layout(mask, self.stage_specs(), batch_size, device, group_size)
 
@@ -129,7 +141,7 @@ class GreenSwinTransformer(SwinTransformer):
             if layout is None:
                 raise ValueError('under torch.compile, pass layout=model.visible_layout(mask, batch_size)')
         else:
-            self.check_visible_input(x, mask)
+            self.check_images(x)  # the mask is checked where its layout is built
             if self.training and any(b.attn.attn_drop.p > 0 for s in self.layers for b in s.blocks):
                 raise ValueError('forward_visible does not implement attention dropout; build with attn_drop_rate=0')
             if layout is None:
