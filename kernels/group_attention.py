@@ -60,6 +60,27 @@ def _scores(q, k, valid_m, seg_m, code_m, valid_n, seg_n, code_n, bias_table, h,
 
 
 @triton.jit
+def _load_kv(qkv_h, row_n, valid_n, in_d, stride_qt, stride_qc):
+    """k and v rows ``[BLOCK, BLOCK_D]`` of a key tile (zeros on padding slots) and their load mask."""
+    kv_mask = valid_n[:, None] & in_d[None, :]
+    k = tl.load(qkv_h + row_n[:, None] * stride_qt + stride_qc, mask=kv_mask, other=0.)
+    v = tl.load(qkv_h + row_n[:, None] * stride_qt + 2 * stride_qc, mask=kv_mask, other=0.)
+    return k, v, kv_mask
+
+
+@triton.jit
+def _load_query_grads(qkv_h, dout_h, lse_g, delta, h, num_heads, offs_m, in_m, row_m, valid_m, in_d, stride_qt,
+                      stride_dt):
+    """What the backward needs of a query tile: q and dout rows, log-sum-exp, delta, and the rows' load mask."""
+    q_mask = valid_m[:, None] & in_d[None, :]
+    q = tl.load(qkv_h + row_m[:, None] * stride_qt, mask=q_mask, other=0.)
+    do = tl.load(dout_h + row_m[:, None] * stride_dt, mask=q_mask, other=0.)
+    lse_m = tl.load(lse_g + offs_m, mask=in_m, other=0.)
+    delta_m = tl.load(delta + row_m * num_heads + h, mask=valid_m, other=0.)
+    return q, do, lse_m, delta_m, q_mask
+
+
+@triton.jit
 def _group_attention_fwd_kernel(
         qkv, out, lse, index, segment, position, bias_table,
         stride_qt, stride_qc, stride_qh, stride_qd,
@@ -86,9 +107,7 @@ def _group_attention_fwd_kernel(
         for start_n in range(0, group_size, BLOCK):
             _, _, row_n, valid_n, seg_n, code_n = _load_slots(
                 index, segment, position, g, group_size, start_n, BLOCK, WINDOW_W)
-            kv_mask = valid_n[:, None] & in_d[None, :]
-            k = tl.load(qkv_h + row_n[:, None] * stride_qt + stride_qc, mask=kv_mask, other=0.)
-            v = tl.load(qkv_h + row_n[:, None] * stride_qt + 2 * stride_qc, mask=kv_mask, other=0.)
+            k, v, _ = _load_kv(qkv_h, row_n, valid_n, in_d, stride_qt, stride_qc)
             s, allowed, _ = _scores(q, k, valid_m, seg_m, code_m, valid_n, seg_n, code_n, bias_table, h,
                                     stride_bt, stride_bh, qk_scale, WINDOW_H, WINDOW_W, DOT_PRECISION, UPCAST)
             s = tl.where(allowed, s, float('-inf'))
@@ -146,19 +165,15 @@ def _group_attention_bwd_kv_kernel(
     for start_n in range(0, group_size, BLOCK):
         _, _, row_n, valid_n, seg_n, code_n = _load_slots(
             index, segment, position, g, group_size, start_n, BLOCK, WINDOW_W)
-        kv_mask = valid_n[:, None] & in_d[None, :]
-        k = tl.load(qkv_h + row_n[:, None] * stride_qt + stride_qc, mask=kv_mask, other=0.)
-        v = tl.load(qkv_h + row_n[:, None] * stride_qt + 2 * stride_qc, mask=kv_mask, other=0.)
+        k, v, kv_mask = _load_kv(qkv_h, row_n, valid_n, in_d, stride_qt, stride_qc)
         dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
         for start_m in range(0, group_size, BLOCK):
             offs_m, in_m, row_m, valid_m, seg_m, code_m = _load_slots(
                 index, segment, position, g, group_size, start_m, BLOCK, WINDOW_W)
-            q_mask = valid_m[:, None] & in_d[None, :]
-            q = tl.load(qkv_h + row_m[:, None] * stride_qt, mask=q_mask, other=0.)
-            do = tl.load(dout_h + row_m[:, None] * stride_dt, mask=q_mask, other=0.)
-            lse_m = tl.load(lse + pid * group_size + offs_m, mask=in_m, other=0.)
-            delta_m = tl.load(delta + row_m * num_heads + h, mask=valid_m, other=0.)
+            q, do, lse_m, delta_m, q_mask = _load_query_grads(
+                qkv_h, dout_h, lse + pid * group_size, delta, h, num_heads, offs_m, in_m, row_m, valid_m, in_d,
+                stride_qt, stride_dt)
             p, ds, allowed, rel = _score_grads(
                 q, k, v, do, lse_m, delta_m, valid_m, seg_m, code_m, valid_n, seg_n, code_n, bias_table, h,
                 stride_bt, stride_bh, qk_scale, WINDOW_H, WINDOW_W, DOT_PRECISION, UPCAST)
@@ -211,18 +226,14 @@ def _group_attention_bwd_q_kernel(
     for start_m in range(0, group_size, BLOCK):
         offs_m, in_m, row_m, valid_m, seg_m, code_m = _load_slots(
             index, segment, position, g, group_size, start_m, BLOCK, WINDOW_W)
-        q_mask = valid_m[:, None] & in_d[None, :]
-        q = tl.load(qkv_h + row_m[:, None] * stride_qt, mask=q_mask, other=0.)
-        do = tl.load(dout_h + row_m[:, None] * stride_dt, mask=q_mask, other=0.)
-        lse_m = tl.load(lse + pid * group_size + offs_m, mask=in_m, other=0.)
-        delta_m = tl.load(delta + row_m * num_heads + h, mask=valid_m, other=0.)
+        q, do, lse_m, delta_m, q_mask = _load_query_grads(
+            qkv_h, dout_h, lse + pid * group_size, delta, h, num_heads, offs_m, in_m, row_m, valid_m, in_d,
+            stride_qt, stride_dt)
         dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
         for start_n in range(0, group_size, BLOCK):
             _, _, row_n, valid_n, seg_n, code_n = _load_slots(
                 index, segment, position, g, group_size, start_n, BLOCK, WINDOW_W)
-            kv_mask = valid_n[:, None] & in_d[None, :]
-            k = tl.load(qkv_h + row_n[:, None] * stride_qt + stride_qc, mask=kv_mask, other=0.)
-            v = tl.load(qkv_h + row_n[:, None] * stride_qt + 2 * stride_qc, mask=kv_mask, other=0.)
+            k, v, _ = _load_kv(qkv_h, row_n, valid_n, in_d, stride_qt, stride_qc)
             _, ds, _, _ = _score_grads(
                 q, k, v, do, lse_m, delta_m, valid_m, seg_m, code_m, valid_n, seg_n, code_n, bias_table, h,
                 stride_bt, stride_bh, qk_scale, WINDOW_H, WINDOW_W, DOT_PRECISION, UPCAST)
