@@ -132,12 +132,16 @@ class StageLayout:
         merge_index: long ``[N, 4]`` for stages after a patch merging: index of the 2x2 children of each token in
             the previous stage's visible tokens, in Swin's order x00, x10, x01, x11; ``None`` for the first stage.
         attention: ``{(window, shift): AttentionLayout}`` for each block configuration of the stage.
+        batch_size: ``B``, the number of images the attention index maps address.
+        mask: bool ``[Hm, Wm]`` on the CPU, the mask the layout was built for.
     """
     grid_size: Tuple[int, int]
     num_tokens: int
     token_index: torch.Tensor
     merge_index: Optional[torch.Tensor]
     attention: Dict[Tuple[Window, Shift], AttentionLayout]
+    batch_size: int
+    mask: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -193,7 +197,8 @@ def build_visible_layout(
         device: where the index tensors go (one host-to-device copy per tensor).
         group_size: fixed ``g_s`` for every stage instead of the Eq. 8 sweep.
     """
-    unit = mask.detach().to('cpu', torch.bool).numpy()
+    host_mask = mask.detach().to('cpu', torch.bool)
+    unit = host_mask.numpy()
     layouts = []
     prev_lookup = None
     for spec in specs:
@@ -224,6 +229,8 @@ def build_visible_layout(
             token_index=torch.from_numpy(coords[:, 0] * rw + coords[:, 1]).to(device),
             merge_index=merge_index,
             attention=attention,
+            batch_size=batch_size,
+            mask=host_mask,
         ))
         prev_lookup = lookup
     return layouts

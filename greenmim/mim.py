@@ -9,14 +9,13 @@ from typing import Dict, NamedTuple, Optional, Tuple, Union
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from greenmim.masking import random_mask
+from greenmim.masking import num_visible, random_mask
 
 __all__ = ['MIMOutput', 'GreenMIM', 'SimMIM', 'patchify', 'unpatchify', 'split_mim_state_dict', 'DECODER_FILE',
-           'mim_metadata', 'mim_from_metadata']
+           'mim_metadata', 'mim_from_metadata', 'decoder_pos_embed']
 
 DECODER_FILE = 'mim_decoder.safetensors'  # the decoder part of a MIM checkpoint, beside the encoder's weights
 
@@ -42,6 +41,25 @@ def unpatchify(units: torch.Tensor, unit: int, grid_size) -> torch.Tensor:
     c = d // (unit * unit)
     x = units.reshape(b, hm, wm, unit, unit, c)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, hm * unit, wm * unit)
+
+
+def decoder_pos_embed(grid_size: Tuple[int, int], dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding ``[Hm * Wm, dim]`` (raster order) of the MAE-style decoder.
+
+    Channels in MAE's order (the one the authors' GreenMIM decoders were trained with): ``[sin(col w), cos(col w),
+    sin(row w), cos(row w)]``, each ``dim / 4`` wide, with frequencies ``w_k = 10000 ** (-k / (dim / 4))``;
+    computed in float64 and returned as float32.
+    """
+    if dim % 4:
+        raise ValueError(f'decoder width {dim} must be a multiple of 4 for the sin-cos position embedding')
+    quarter = dim // 4
+    freqs = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid_size[0]), torch.arange(grid_size[1]), indexing='ij')
+    parts = []
+    for coord in (cols, rows):
+        angles = coord.flatten().double()[:, None] * freqs
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, 1).float()
 
 
 def split_mim_state_dict(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
@@ -72,6 +90,13 @@ class _MIMBase(nn.Module):
         self.unit = self.encoder.mask_unit_size
         h, w = self.encoder.patch_embed.img_size
         self.grid_size = (h // self.unit, w // self.unit)
+        units = self.grid_size[0] * self.grid_size[1]
+        if num_visible(units, mask_ratio) == units:
+            fix = (f'use a ratio above 1/(2*{units}) = {1 / (2 * units):.3g}' if units > 1 else
+                   'a single unit is always kept visible: use larger images')
+            raise ValueError(
+                f'mask_ratio {mask_ratio} masks no unit of the {self.grid_size[0]}x{self.grid_size[1]} mask grid '
+                f'(all {units} stay visible), so there is nothing to reconstruct: {fix}')
 
     def sample_mask(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """A random bool ``[Hm, Wm]`` mask (True = visible) on the CPU."""
@@ -84,7 +109,12 @@ class _MIMBase(nn.Module):
     def _mask_for(self, images, mask, generator) -> torch.Tensor:
         """``mask``, or a sampled one, after checking ``images`` (the mask is checked with its layout)."""
         self.encoder.check_images(images)
-        return self.sample_mask(generator) if mask is None else mask
+        if mask is None:
+            return self.sample_mask(generator)
+        if (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and tuple(mask.shape) == self.grid_size
+                and bool(mask.all())):
+            raise ValueError('mask has no masked unit (all True = visible): MIM needs at least one unit to reconstruct')
+        return mask
 
 
 class GreenMIM(_MIMBase):
@@ -117,7 +147,7 @@ class GreenMIM(_MIMBase):
         self.decoder_embed = nn.Linear(self.encoder.num_features, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.register_buffer(
-            'decoder_pos_embed', build_sincos2d_pos_embed(list(self.grid_size), decoder_dim)[None], persistent=False)
+            'decoder_pos_embed', decoder_pos_embed(self.grid_size, decoder_dim)[None], persistent=False)
         self.decoder_blocks = nn.Sequential(*[
             Block(decoder_dim, decoder_heads, mlp_ratio=4., qkv_bias=True) for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_dim)

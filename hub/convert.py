@@ -3,7 +3,8 @@
 Source layouts (``{"model": {...}}``, as saved by the authors' training scripts):
 
 - ``greenmim`` (LayneH/GreenMIM, MAE-style): ``encoder.*`` (Swin), ``mask_token`` ``[1, 1, D]``, ``decoder_embed.*``,
-  ``decoder_pos_embed`` (fixed sin-cos, a parameter there; a non-persistent buffer here, so dropped),
+  ``decoder_pos_embed`` (MAE's fixed sin-cos, a parameter there; the same non-persistent buffer here, so checked
+  and dropped),
   ``decoder_blocks.N.*``, ``decoder_norm.*``, ``decoder_pred.*``  ->  :class:`greenmim.GreenMIM`.
 - ``simmim`` (microsoft/SimMIM): ``encoder.*`` (Swin) with ``encoder.mask_token`` ``[1, 1, E]``, and the 1x1-conv
   decoder ``decoder.0.{weight,bias}``  ->  :class:`greenmim.SimMIM` (``mask_token`` ``[1, 1, 1, E]``, ``decoder.*``).
@@ -155,8 +156,13 @@ def convert_state_dict(
             pos_embed = rest.pop('decoder_pos_embed', None)
             if pos_embed is not None:
                 ours = target.decoder_pos_embed
-                diff = (pos_embed - ours).abs().max().item() if pos_embed.shape == ours.shape else float('nan')
-                notes.append(f'dropped decoder_pos_embed (fixed sin-cos; max |difference| from ours: {diff:.3g})')
+                diff = (pos_embed - ours).abs().max().item() if pos_embed.shape == ours.shape else float('inf')
+                if not diff <= 1e-5:
+                    raise ValueError(
+                        f'decoder_pos_embed {tuple(pos_embed.shape)} is not the fixed MAE sin-cos embedding '
+                        f'{tuple(ours.shape)} that GreenMIM decoders use (max |difference| {diff:.3g}): the converted '
+                        'decoder would predict at the wrong positions')
+                notes.append(f'dropped decoder_pos_embed (fixed sin-cos, equal to ours: max |difference| {diff:.1g})')
             converted.update(rest)
     verify_state_dict(converted, target.state_dict(), f'{type(target).__name__} around {model_name}')
     target.load_state_dict(converted)

@@ -170,3 +170,22 @@ def test_forward_visible_compiles_without_graph_breaks(backend, monkeypatch):
             torch.testing.assert_close(a, b)
     with pytest.raises(Exception, match='layout'):
         compiled(x, mask)
+
+
+def test_layout_must_match_batch_mask_and_model():
+    """A layout passed to forward_visible is checked against what it was built for, not trusted."""
+    model = _model('green_swin_tiny', img_size=64, window_size=2, depths=(1, 1, 1, 1), embed_dim=16,
+                   num_heads=(1, 1, 2, 2))
+    mask = torch.tensor([[True, False], [False, True]])
+    layout = model.visible_layout(mask, 2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model.forward_visible(x, mask, layout)
+        with pytest.raises(ValueError, match='batch size 2, the images have 4'):
+            model.forward_visible(torch.randn(4, 3, 64, 64), mask, layout)
+        with pytest.raises(ValueError, match='batch size 2, the images have 8'):
+            model.forward_visible(torch.randn(8, 3, 64, 64), mask, layout)
+        with pytest.raises(ValueError, match='another mask'):
+            model.forward_visible(x, ~mask, layout)
+        with pytest.raises(ValueError, match='stages'):
+            model.forward_visible(x, mask, layout[:3])

@@ -1,8 +1,10 @@
 """Conversion of the authors' GreenMIM / SimMIM / fine-tuned checkpoints (built here in their exact key layout)."""
 import argparse
 import json
+import math
 import re
 
+import numpy as np
 import pytest
 import safetensors
 import timm
@@ -36,12 +38,26 @@ def to_authors_swin(state_dict, model):
     return out
 
 
+def mae_decoder_pos_embed(grid: int, dim: int) -> torch.Tensor:
+    """``[1, grid*grid, dim]``, MAE's ``get_2d_sincos_pos_embed(dim, grid)`` as the authors' decoder initialises its
+    frozen ``decoder_pos_embed``, written out in numpy from MAE's definition (meshgrid(w, h): its first half,
+    named ``emb_h``, encodes the column)."""
+    def one_axis(d, pos):
+        omega = 1. / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.))
+        out = np.einsum('m,d->md', pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    grid_w, grid_h = np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32)
+    first, second = np.meshgrid(grid_w, grid_h)  # xy indexing: first[i, j] = column j
+    emb = np.concatenate([one_axis(dim // 2, first), one_axis(dim // 2, second)], axis=1)
+    return torch.from_numpy(emb).float()[None]
+
+
 def authors_greenmim(mim):
     """A GreenMIM checkpoint as LayneH/GreenMIM saves it (MAE-style)."""
     encoder, decoder = split_mim_state_dict(mim.state_dict())
     model = {f'encoder.{k}': v for k, v in to_authors_swin(encoder, mim.encoder).items()}
     model.update({k: v.clone() for k, v in decoder.items()})
-    model['decoder_pos_embed'] = mim.decoder_pos_embed.clone()  # a frozen parameter there
+    model['decoder_pos_embed'] = mae_decoder_pos_embed(mim.grid_size[0], mim.decoder_embed.out_features)
     args = argparse.Namespace(model='green_mim_swin_base_patch4_dec512b1', mask_ratio=0.75, norm_pix_loss=True)
     return {'model': model, 'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-4}]}, 'epoch': 99,
             'scaler': {'scale': 65536.0}, 'args': args}
@@ -75,6 +91,40 @@ def test_greenmim_checkpoint_converts_key_for_key(green):
     assert isinstance(target, greenmim.GreenMIM)
     assert_same(converted, green.state_dict())
     assert any('decoder_pos_embed' in n for n in notes)
+
+
+def test_decoder_pos_embed_is_maes():
+    """Ours equals MAE's embedding (built independently above), channel for channel, so a converted decoder sees
+    the positions it was trained with; and the embedding tells rows and columns apart (not symmetric)."""
+    ours = greenmim.GreenMIM('green_swin_tiny', decoder_dim=32, **TINY).decoder_pos_embed
+    theirs = mae_decoder_pos_embed(7, 32)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    grid = ours[0].view(7, 7, 32)
+    assert not torch.allclose(grid, grid.transpose(0, 1))
+    torch.testing.assert_close(grid[0, 3, :8], torch.zeros(8).new_tensor(  # row 0, column 3: sin(3w) first
+        [math.sin(3 * 10000 ** (-k / 8)) for k in range(8)]), atol=1e-6, rtol=0)
+
+
+def test_converted_decoder_predicts_what_the_authors_decoder_does(green):
+    """The authors' decoder forward (their ``decoder_pos_embed`` added to tokens at their units) equals ours after
+    conversion."""
+    checkpoint = authors_greenmim(green)['model']
+    _, target, _ = convert.convert_state_dict(checkpoint, 'green_swin_tiny', **TINY)
+    latent = torch.randn(2, 12, target.encoder.num_features)
+    units = torch.randperm(49)[:12].sort().values
+    with torch.no_grad():
+        x = target.decoder_embed(latent)
+        tokens = target.mask_token.expand(2, 49, -1).clone()
+        tokens[:, units] = x
+        theirs = target.decoder_pred(target.decoder_norm(target.decoder_blocks(tokens + checkpoint['decoder_pos_embed'])))
+        torch.testing.assert_close(target.forward_decoder(latent, units), theirs)
+
+
+def test_checkpoint_with_another_pos_embed_is_refused(green):
+    checkpoint = authors_greenmim(green)['model']
+    rows_first = checkpoint['decoder_pos_embed'].view(1, 7, 7, 32).transpose(1, 2).reshape(1, 49, 32)
+    with pytest.raises(ValueError, match='decoder_pos_embed'):
+        convert.convert_state_dict(dict(checkpoint, decoder_pos_embed=rows_first), 'green_swin_tiny', **TINY)
 
 
 def test_simmim_checkpoint_converts_key_for_key():

@@ -115,3 +115,16 @@ def test_split_state_dict():
     encoder, decoder = split_mim_state_dict(mim.state_dict())
     timm.create_model('green_swin_tiny', num_classes=0).load_state_dict(encoder)
     assert 'mask_token' in decoder and not any(k.startswith('encoder.') for k in decoder)
+
+
+@pytest.mark.parametrize('cls', [greenmim.GreenMIM, greenmim.SimMIM])
+def test_ratio_or_mask_that_masks_nothing_is_refused(cls):
+    """An all-visible mask leaves nothing to reconstruct (the loss would be 0/0 = NaN): refused up front."""
+    for ratio in (0.0, 0.01):  # 0.01 < 1/(2*49): round(49 * 0.99) = 49 units stay visible
+        with pytest.raises(ValueError, match=f'mask_ratio {ratio} masks no unit of the 7x7'):
+            cls('green_swin_tiny', mask_ratio=ratio)
+    mim = cls('green_swin_tiny', mask_ratio=0.75)
+    with pytest.raises(ValueError, match='no masked unit'):
+        mim(torch.randn(1, 3, 224, 224), torch.ones(7, 7, dtype=torch.bool))
+    out = cls('green_swin_tiny', mask_ratio=0.011)(torch.randn(1, 3, 224, 224))  # just above 1/(2*49): one unit
+    assert int((~out.mask).sum()) == 1 and torch.isfinite(out.loss)

@@ -92,3 +92,15 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     assert torch.equal(dataset[5][0], first)
     dataset.set_epoch(1)
     assert not torch.equal(dataset[5][0], first)
+
+
+def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
+    """A 16-bit grayscale PNG (Pillow mode I;16) keeps its tones: 65535 is white, 32768 mid-grey, 0 black."""
+    import numpy as np
+    from greenmim.train.data import _decode
+    ramp = np.array([[0, 257 * 64, 32768, 65535]], dtype=np.uint16).repeat(4, 0)
+    Image.fromarray(ramp).save(tmp_path / 'deep.png')
+    assert Image.open(tmp_path / 'deep.png').mode.startswith('I')
+    rgb = np.asarray(_decode(tmp_path / 'deep.png'))
+    assert rgb.shape == (4, 4, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert rgb[0].tolist() == [[0] * 3, [64] * 3, [128] * 3, [255] * 3]

@@ -29,7 +29,7 @@ class GreenSwinTransformer(SwinTransformer):
     @property
     def mask_unit_size(self) -> int:
         """Side in pixels of a mask unit: the encoder's largest stride (32 for Swin)."""
-        return self.patch_embed.patch_size[0] * 2 ** (len(self.layers) - 1)
+        return self.patch_embed.patch_size[0] << (len(self.layers) - 1)
 
     def stage_specs(self) -> List[StageSpec]:
         """Static per-stage description (grid, width, block windows) used to lay out visible tokens."""
@@ -91,6 +91,21 @@ class GreenSwinTransformer(SwinTransformer):
         device = device if device is not None else self.patch_embed.proj.weight.device
         return build_visible_layout(mask, self.stage_specs(), batch_size, device, group_size)
 
+    def check_layout(self, layout: Sequence[StageLayout], x: torch.Tensor, mask: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``layout`` is :meth:`visible_layout` of ``mask`` for this model, the batch
+        size of ``x`` and its device (host-side checks; no device sync for a CPU mask)."""
+        if len(layout) != len(self.layers):
+            raise ValueError(f'layout has {len(layout)} stages, the model has {len(self.layers)}')
+        first = layout[0]
+        if first.batch_size != x.shape[0]:
+            raise ValueError(f'layout was built for batch size {first.batch_size}, the images have {x.shape[0]}')
+        if first.token_index.device != x.device:
+            raise ValueError(f'layout is on {first.token_index.device}, the images on {x.device}')
+        if not isinstance(mask, torch.Tensor) or mask.shape != first.mask.shape or not torch.equal(
+                mask.detach().to('cpu', torch.bool), first.mask):
+            raise ValueError('layout was built for another mask: pass the mask it was built from '
+                             '(or layout=None to build it)')
+
     def _embed_visible(self, x: torch.Tensor, layout: StageLayout) -> torch.Tensor:
         """Patch embedding of the visible patches: ``[B, C, H, W] -> [B, N, E]``."""
         b, c, h, w = x.shape
@@ -146,6 +161,8 @@ class GreenSwinTransformer(SwinTransformer):
                 raise ValueError('forward_visible does not implement attention dropout; build with attn_drop_rate=0')
             if layout is None:
                 layout = self.visible_layout(mask, x.shape[0], x.device)
+            else:
+                self.check_layout(layout, x, mask)
         outputs = []
         for stage, stage_layout in zip(self.layers, layout):
             if stage_layout.merge_index is None:

@@ -56,13 +56,17 @@ def _seeded(seed: int):
 
 
 def _decode(value: Any) -> Optional[Image.Image]:
-    """An RGB PIL image from a path, bytes, a ``{'bytes', 'path'}`` dict or a PIL image; ``None`` if unreadable."""
+    """An 8-bit RGB PIL image from a path, bytes, a ``{'bytes', 'path'}`` dict or a PIL image; ``None`` if unreadable.
+    Integer grayscale (16-bit PNGs) is scaled from ``[0, 65535]`` to ``[0, 255]``."""
     try:
         if isinstance(value, dict):
             value = value.get('bytes') or value.get('path')
         if isinstance(value, (bytes, bytearray)):
             value = io.BytesIO(value)
         image = value if isinstance(value, Image.Image) else Image.open(value)
+        if image.mode.startswith('I'):  # 16-bit grayscale (I;16*, or I from older Pillow): scale, not clip
+            levels = np.asarray(image, dtype=np.float64) / 257.0  # forces the full decode
+            image = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8), 'L')
         return image.convert('RGB')  # forces the full decode: truncated files fail here
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
