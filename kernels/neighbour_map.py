@@ -15,7 +15,7 @@ def neighbour_map(
     """Row of the visible token under every kernel tap of every visible token, over the batch.
 
     Args:
-        token_index: integer ``[N]`` raster index (in ``Rh * Rw``) of each visible token of one image, all distinct
+        token_index: int64/int32 ``[N]`` raster index (in ``Rh * Rw``) of each visible token of one image, all distinct
             (``StageLayout.token_index``); the map addresses tokens by their position in it.
         grid_size: ``(Rh, Rw)``, the stage's token grid.
         kernel_size: ``(kh, kw)``, both odd: a centred stencil (padding ``kh // 2``, ``kw // 2``).
@@ -28,9 +28,9 @@ def neighbour_map(
         ``nbr[s, K-1-k] = t``. Token values are checked on the CPU only (elsewhere that would cost a host sync).
     """
     (rh, rw), (kh, kw) = grid_size, kernel_size
-    if token_index.ndim != 1 or token_index.is_floating_point() or token_index.is_complex():
+    if token_index.ndim != 1 or token_index.dtype not in (torch.int32, torch.int64):
         raise ValueError(
-            f'token_index must be an integer [N] tensor, got {token_index.dtype} {tuple(token_index.shape)}')
+            f'token_index must be an int32/int64 [N] tensor, got {token_index.dtype} {tuple(token_index.shape)}')
     if min(rh, rw) < 1 or min(kh, kw) < 1 or kh % 2 == 0 or kw % 2 == 0 or batch_size < 1:
         raise ValueError(f'need a positive grid, odd kernel sizes and batch_size >= 1, got grid {grid_size}, '
                          f'kernel {kernel_size}, batch_size {batch_size}')

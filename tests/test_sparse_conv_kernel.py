@@ -124,18 +124,22 @@ def test_neighbour_map_matches_brute_force_and_reverses_onto_itself(grid, unit, 
 
 def test_neighbour_map_bad_inputs():
     index = torch.tensor([0, 3, 5])
-    for args in [(index[None], (3, 3), (3, 3), 1), (index.float(), (3, 3), (3, 3), 1), (index, (3, 3), (2, 3), 1),
-                 (index, (3, 3), (3, 3), 0), (index, (2, 2), (3, 3), 1), (torch.tensor([0, 3, 3]), (3, 3), (3, 3), 1),
-                 (torch.tensor([-1, 3]), (3, 3), (3, 3), 1)]:
+    bad = [
+        dict(token_index=index[None]), dict(token_index=index.float()), dict(token_index=index > 0),
+        dict(kernel_size=(2, 3)), dict(batch_size=0), dict(grid_size=(2, 2)),  # index 5 outside a 2x2 grid
+        dict(token_index=torch.tensor([0, 3, 3])), dict(token_index=torch.tensor([-1, 3])),
+    ]
+    for change in bad:
+        args = dict(dict(token_index=index, grid_size=(3, 3), kernel_size=(3, 3), batch_size=1), **change)
         with pytest.raises(ValueError):
-            neighbour_map(*args)
+            neighbour_map(**args)
 
 
 # ------------------------------------------------------------------------------------ reference vs dense conv
 @pytest.mark.parametrize('grid, unit, ratio, kernel, batch', [
     ((8, 8), 2, 0.5, (3, 3), 2),
     ((12, 10), 1, 0.6, (3, 3), 3),  # single-token units: isolated tokens, masked neighbours everywhere
-    ((14, 14), 7, 0.75, (3, 3), 2),  # Twins-like: 7x7-token units (one 32 px unit at stride 4 is 8x8)
+    ((14, 14), 7, 0.75, (3, 3), 2),  # large units: interior tokens with every neighbour present
     ((9, 7), 1, 0.3, (5, 3), 1),
 ])
 def test_reference_matches_dense_conv_on_masked_grid(grid, unit, ratio, kernel, batch):
