@@ -14,9 +14,7 @@ Results go to ``<out>/group_attention_<device>.json``.
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 if '--smoke' in sys.argv:  # Triton reads this when it is imported
     os.environ['TRITON_INTERPRET'] = '1'
@@ -32,27 +30,7 @@ from greenmim.kernels.reference import relative_position_index  # noqa: E402
 from greenmim.masking import random_mask  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import write_result  # noqa: E402
-
-
-def median_ms(fn, repeats: int, warmup: int, device: str) -> float:
-    """Median wall time of ``fn()`` in milliseconds (CUDA events on the GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == 'cuda':
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+from common import median_ms, write_result  # noqa: E402
 
 
 def sdpa_attention(qkv, layout, table, scale, allowed, rel_index):

@@ -1,9 +1,11 @@
-"""What every benchmark result records: device, library versions, commit and date."""
+"""What the benchmarks share: what every result records (device, library versions, commit and date) and the timer."""
 import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
+import time
 
 import timm
 import torch
@@ -49,3 +51,23 @@ def write_result(path: str, result: dict) -> None:
     with open(path, 'w') as f:
         json.dump(dict(env=environment(), **result), f, indent=2)
         f.write('\n')
+
+
+def median_ms(fn, repeats: int, warmup: int, device: str) -> float:
+    """Median wall time of ``fn()`` in milliseconds (CUDA events on the GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == 'cuda':
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)

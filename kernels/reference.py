@@ -1,9 +1,14 @@
-"""Pure-PyTorch group window attention: the ``torch`` backend and the oracle the Triton kernels are tested against."""
-from typing import Tuple
+"""Pure-PyTorch group window attention and sparse convolution: the ``torch`` backend and the oracle the Triton kernels
+are tested against."""
+from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ['relative_position_index', 'group_window_attention_reference']
+__all__ = [
+    'relative_position_index', 'group_window_attention_reference', 'sparse_depthwise_conv_reference',
+    'depthwise_conv_masked_grid',
+]
 
 
 def relative_position_index(position: torch.Tensor, window_size: Tuple[int, int]) -> torch.Tensor:
@@ -57,3 +62,49 @@ def group_window_attention_reference(
     slots = torch.arange(target.numel(), device=index.device)
     slot_of_token = torch.zeros(num_tokens + 1, dtype=torch.long, device=index.device).scatter_(0, target, slots)
     return flat.index_select(0, slot_of_token[:num_tokens])
+
+
+def sparse_depthwise_conv_reference(
+        x: torch.Tensor,
+        neighbours: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Depthwise KxK convolution at the visible tokens only (submanifold): absent neighbours contribute zero.
+
+    Args:
+        x: ``[T, C]`` visible tokens (``T = B * N``).
+        neighbours: int ``[T, K]`` row of the token under each kernel tap, -1 where absent (``neighbour_map``).
+        weight: ``[C, 1, kh, kw]`` depthwise ``Conv2d`` weight, ``K = kh * kw`` taps in raster order.
+        bias: ``[C]`` or ``None``.
+
+    Returns:
+        ``[T, C]`` in ``x``'s dtype: ``y[t, c] = bias[c] + sum_k x[nbr[t, k], c] * weight[c, 0, k // kw, k % kw]``.
+    """
+    num_tokens, channels = x.shape
+    dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)  # fp32 accumulation
+    padded = torch.cat([x, x.new_zeros(1, channels)]).to(dtype)  # row T: the zero of absent taps
+    rows = torch.where(neighbours >= 0, neighbours.long(), num_tokens)
+    taps = weight.reshape(channels, -1).to(dtype)
+    y = padded.new_zeros(num_tokens, channels) if bias is None else bias.to(dtype).expand(num_tokens, channels)
+    for k in range(rows.shape[1]):  # one [T, C] gather per tap: no [T, K, C] intermediate (2-4x faster on a CPU)
+        y = y + padded.index_select(0, rows[:, k]) * taps[:, k]
+    return y.to(x.dtype)
+
+
+def depthwise_conv_masked_grid(
+        x: torch.Tensor,
+        token_index: torch.Tensor,
+        grid_size: Tuple[int, int],
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The dense equivalent of :func:`sparse_depthwise_conv_reference`: scatter ``x [B * N, C]`` into a zero-filled
+    ``[B, C, Rh, Rw]`` grid at ``token_index [N]``, ``F.conv2d(groups=C, padding=k // 2)``, read back ``[B * N, C]``."""
+    channels = x.shape[1]
+    rh, rw = grid_size
+    tokens = x.reshape(-1, token_index.numel(), channels).transpose(1, 2)  # [B, C, N]
+    grid = tokens.new_zeros(tokens.shape[0], channels, rh * rw).index_copy(2, token_index, tokens)
+    out = F.conv2d(grid.view(-1, channels, rh, rw), weight, bias,
+                   padding=(weight.shape[2] // 2, weight.shape[3] // 2), groups=channels)
+    return out.flatten(2).index_select(2, token_index).transpose(1, 2).reshape(-1, channels)

@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -10,8 +11,17 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+@pytest.fixture
+def triton_mode(request):
+    """Kernel tests need Triton's interpreter on the CPU; ``gpu`` tests need CUDA and compiled kernels."""
+    if request.node.get_closest_marker('gpu'):
+        if not torch.cuda.is_available() or os.environ.get('TRITON_INTERPRET') == '1':
+            pytest.skip('needs a CUDA device and compiled kernels (TRITON_INTERPRET unset)')
+    elif os.environ.get('TRITON_INTERPRET') != '1':
+        pytest.skip('CPU kernel tests need TRITON_INTERPRET=1 in the environment before Python starts')
+
+
 def pytest_collection_modifyitems(config, items):
-    import pytest
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason='needs a CUDA device')
         for item in items:

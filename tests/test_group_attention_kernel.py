@@ -20,7 +20,6 @@ from greenmim.grouping import StageSpec, build_visible_layout
 from greenmim.kernels import group_window_attention, group_window_attention_reference, group_window_attention_triton
 from greenmim.masking import random_mask
 
-INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 TOLERANCES = {  # (atol, rtol) of kernel vs float64 reference, for outputs and gradients
     torch.float32: (2e-5, 2e-5),
     torch.bfloat16: (3e-2, 3e-2),
@@ -28,14 +27,7 @@ TOLERANCES = {  # (atol, rtol) of kernel vs float64 reference, for outputs and g
 }
 
 
-@pytest.fixture(autouse=True)
-def _triton_mode(request):
-    """CPU tests need the interpreter; ``gpu`` tests need CUDA and compiled kernels."""
-    if request.node.get_closest_marker('gpu'):
-        if not torch.cuda.is_available() or INTERPRET:
-            pytest.skip('needs a CUDA device and compiled kernels (TRITON_INTERPRET unset)')
-    elif not INTERPRET:
-        pytest.skip('CPU kernel tests need TRITON_INTERPRET=1 in the environment before Python starts')
+pytestmark = pytest.mark.usefixtures('triton_mode')  # tests/conftest.py: interpreter on the CPU, or CUDA
 
 
 def _layout(grid, window, shift, batch=1, ratio=0.5, seed=0, group_size=None, channels=32, device='cpu'):
