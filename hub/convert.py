@@ -12,10 +12,11 @@ Source layouts (``{"model": {...}}``, as saved by the authors' training scripts)
 
 The Swin keys follow Microsoft's original layout: patch merging ends a stage (``layers.{i}.downsample`` is timm's
 ``layers.{i+1}.downsample``), the classifier is ``head.`` (timm: ``head.fc.``), and the buffers
-``relative_position_index`` / ``attn_mask`` are saved; timm's ``swin_transformer.checkpoint_filter_fn`` does that
-renaming. An early version of the authors' code concatenated each 2x2 neighbourhood as x00,x01,x10,x11 instead
-of Swin's x00,x10,x01,x11: ``--merge-order early`` permutes the 4C input channels of every ``downsample.norm`` and
-``downsample.reduction`` to fix such checkpoints (see docs/hub.md for how to tell).
+``relative_position_index`` / ``attn_mask`` are saved; the model family's ``original_to_timm`` (for Swin, timm's
+``swin_transformer.checkpoint_filter_fn``) does that renaming. An early version of the authors' code concatenated
+each 2x2 neighbourhood as x00,x01,x10,x11 instead of Swin's x00,x10,x01,x11: ``--merge-order early`` permutes the
+4C input channels of every ``downsample.norm`` and ``downsample.reduction`` to fix such checkpoints (see
+docs/hub.md for how to tell).
 
     python -m greenmim.hub.convert greenmim_swin_base.pth out.safetensors --model green_swin_base
 """
@@ -30,10 +31,10 @@ from typing import Dict, List, Optional, Tuple
 import safetensors.torch
 import timm
 import torch
-from timm.models.swin_transformer import checkpoint_filter_fn
 from torch import nn
 
 from greenmim.mim import GreenMIM, SimMIM, split_mim_state_dict
+from greenmim.models.family import family_of
 
 from .checkpoint import read_state_dict, verify_state_dict
 
@@ -138,8 +139,11 @@ def convert_state_dict(
     encoder, rest = (dict(state_dict), {}) if kind == 'classifier' else split_mim_state_dict(state_dict)
     encoder_model = target if kind == 'classifier' else target.encoder
     mask_token = encoder.pop('mask_token', None)  # SimMIM keeps it inside the encoder
+    family = family_of(encoder_model)
+    if family is None:
+        raise ValueError(f'{model_name} is not a green model: convert writes checkpoints of green_* models')
     _check_not_resized(encoder, encoder_model)
-    encoder = checkpoint_filter_fn(encoder, encoder_model)
+    encoder = family.original_to_timm(encoder, encoder_model)
     if merge_order == 'early':
         encoder = swap_merge_order(encoder)
         notes.append('patch-merging channels permuted from x00,x01,x10,x11 to x00,x10,x01,x11')

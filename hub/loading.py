@@ -20,7 +20,8 @@ from torch import nn
 from greenmim.mim import DECODER_FILE, mim_from_metadata
 
 from .checkpoint import read_state_dict, sha256_file, verify_state_dict
-from .manifest import load_manifest
+from greenmim.models.family import family_of
+from greenmim.models.manifest import load_manifest
 
 __all__ = ['WEIGHTS_FILE', 'DECODER_FILE', 'load_pretrained', 'load_mim_pretrained', 'resolve_weights']
 
@@ -102,9 +103,9 @@ def _overlay(pretrained_cfg_overlay: Optional[Dict[str, Any]]) -> Optional[Dict[
 
 
 def _pretrained_filter(model: nn.Module):
-    """The checkpoint filter timm applies for this model family (original-layout keys -> timm's)."""
-    from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
-    return checkpoint_filter_fn if isinstance(model, SwinTransformer) else (lambda sd, m: sd)
+    """The checkpoint filter timm applies for this model's family (original-layout keys -> timm's)."""
+    family = family_of(model)
+    return family.original_to_timm if family is not None else (lambda state_dict, _: state_dict)
 
 
 def _check_published_file(pretrained_cfg: Dict[str, Any], path: Path) -> None:

@@ -27,7 +27,7 @@ from .card import render_model_card
 from .checkpoint import read_state_dict, sha256_file, verify_state_dict
 from .convert import build_target, detect_kind
 from .loading import DECODER_FILE, WEIGHTS_FILE
-from .manifest import Metric, Release, load_manifest, write_release
+from greenmim.models.manifest import Metric, Release, load_manifest, write_release
 
 __all__ = ['build_repo_folder', 'add_arguments', 'run']
 

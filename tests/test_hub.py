@@ -20,7 +20,7 @@ from huggingface_hub import ModelCard
 
 import greenmim
 from greenmim.hub import Metric, load_manifest, publish
-from greenmim.hub.manifest import write_release
+from greenmim.models.manifest import write_release
 from greenmim.hub.checkpoint import sha256_file
 from greenmim.hub.loading import load_mim_pretrained, load_pretrained
 
@@ -80,7 +80,8 @@ def test_publish_writes_a_timm_repository(published):
 def test_model_card_parses_with_hub_metadata(published):
     card = ModelCard.load(published[0] / 'README.md')
     assert card.data.library_name == 'timm' and card.data.license == 'apache-2.0'
-    assert {'masked-image-modeling', 'timm'} <= set(card.data.tags)
+    assert {'masked-image-modeling', 'timm', 'swin-transformer'} <= set(card.data.tags)
+    assert 'A Swin Transformer encoder pre-trained with GreenMIM' in card.text
     assert card.data.datasets == ['imagenet-1k'] and card.data.metrics
     for section in ('## Usage', '## Training recipe', '## Speed vs SimMIM', '## Citation', 'Not published yet'):
         assert section in card.text
