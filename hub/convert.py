@@ -26,17 +26,17 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import safetensors.torch
 import timm
 import torch
 from torch import nn
 
-from greenmim.mim import GreenMIM, SimMIM, split_mim_state_dict
+from greenmim.checkpoint import (
+    is_mim_state_dict, read_checkpoint, split_mim_state_dict, verify_state_dict, weights_metadata)
+from greenmim.mim import GreenMIM, SimMIM
 from greenmim.models.family import family_of
-
-from .checkpoint import read_state_dict, verify_state_dict
 
 __all__ = ['KINDS', 'MERGE_ORDERS', 'detect_kind', 'swap_merge_order', 'build_target', 'convert_state_dict',
            'merge_order_losses', 'sample_images', 'add_arguments', 'run']
@@ -53,7 +53,7 @@ def detect_kind(state_dict: Dict[str, torch.Tensor]) -> str:
         return 'greenmim'
     if 'decoder.0.weight' in state_dict or 'decoder.weight' in state_dict:
         return 'simmim'
-    if any(k.startswith('encoder.') for k in state_dict):
+    if is_mim_state_dict(state_dict):
         raise ValueError('checkpoint has encoder.* keys but no known decoder (decoder_pred.* of GreenMIM or '
                          'decoder.0.* of SimMIM): pass --kind explicitly if it is an encoder-only export')
     return 'classifier'
@@ -213,7 +213,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    state_dict = read_state_dict(args.checkpoint)
+    state_dict = read_checkpoint(args.checkpoint)[0]
     if args.check_merge_order:
         images = sample_images(timm.create_model(args.model, **args.model_kwargs), args.check_images)
         losses = merge_order_losses(state_dict, args.model, images, decoder_heads=args.decoder_heads,
@@ -224,9 +224,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     converted, target, notes = convert_state_dict(
         state_dict, args.model, args.kind, args.merge_order, args.decoder_heads, **args.model_kwargs)
-    metadata = {'format': type(target).__name__, 'model': args.model,
-                'model_kwargs': json.dumps(args.model_kwargs), 'merge_order': args.merge_order,
-                'source': args.checkpoint.name}
+    is_mim = isinstance(target, (GreenMIM, SimMIM))
+    metadata = weights_metadata('mim' if is_mim else 'classifier', args.model, args.model_kwargs,
+                                wrapper=target if is_mim else None, merge_order=args.merge_order,
+                                source=args.checkpoint.name)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file({k: v.contiguous() for k, v in converted.items()}, args.output, metadata=metadata)
     print(f'{args.checkpoint} -> {args.output}: {len(converted)} tensors verified against '
@@ -236,11 +237,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m greenmim.hub.convert', description=__doc__.split('\n')[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # python -m greenmim.hub.convert is `greenmim convert`
+    from greenmim.cli import main
+    sys.exit(main(['convert', *sys.argv[1:]]))

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import greenmim
 from greenmim.masking import random_mask
-from greenmim.mim import patchify, split_mim_state_dict, unpatchify
+from greenmim.checkpoint import split_mim_state_dict
+from greenmim.mim import patchify, unpatchify
 from dense_reference import dense_key_masked_stages
 
 

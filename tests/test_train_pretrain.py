@@ -9,7 +9,7 @@ from safetensors import safe_open
 from greenmim.cli import main
 from greenmim.mim import GreenMIM
 from greenmim.train import NonFiniteLossError, pretrain
-from greenmim.train.checkpoint import read_training_state
+from greenmim.train.run_checkpoints import read_training_state
 from train_fixtures import copy_photos, tiny_pretrain_config
 
 
