@@ -49,3 +49,25 @@ def test_old_checkpoint_exports_to_timm_and_back_to_greenmim(old_run, tmp_path):
         assert torch.equal(mim.state_dict()[name], value), name
     for name, value in encoder.state_dict().items():
         assert torch.equal(written[f'encoder.{name}'], value), name
+
+
+def test_file_converted_by_the_old_convert_exports_and_rebuilds_its_wrapper(tmp_path):
+    """``greenmim convert`` wrote the wrapper's class name into ``format`` and no ``kind`` / ``mim_class``."""
+    import greenmim
+    from safetensors.torch import save_file
+    from greenmim.hub import load_mim_pretrained
+    from greenmim.train.finetune import load_pretrained_encoder
+    kwargs = dict(img_size=64, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=2)
+    torch.manual_seed(0)
+    mim = greenmim.GreenMIM('green_swin_tiny', **kwargs)  # the authors' decoder size: the wrapper's defaults
+    old = tmp_path / 'converted.safetensors'
+    save_file(mim.state_dict(), old, {'format': 'GreenMIM', 'model': 'green_swin_tiny', 'model_kwargs': json.dumps(
+        kwargs), 'merge_order': 'swin', 'source': 'greenmim_swin_tiny.pth'})
+    paths = export(old, tmp_path / 'export')
+    loaded = load_mim_pretrained('green_swin_tiny.mim_in1k', pretrained_cfg_overlay=dict(file=str(paths['model'])),
+                                 **kwargs)
+    assert type(loaded) is greenmim.GreenMIM
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in mim.state_dict().items())
+    classifier = timm.create_model('green_swin_tiny', num_classes=3, **kwargs)
+    load_pretrained_encoder(classifier, old, 'green_swin_tiny')
+    assert torch.equal(classifier.state_dict()['patch_embed.proj.weight'], mim.encoder.patch_embed.proj.weight)
