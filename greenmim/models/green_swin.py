@@ -41,14 +41,9 @@ class GreenSwinTransformer(SwinTransformer):
                 grid_size=tuple(stage.output_resolution),
                 channels=stage.blocks[0].dim,
                 windows=windows,
-                merges=not isinstance(stage.downsample, nn.Identity),
+                merges_previous_stage=not isinstance(stage.downsample, nn.Identity),
             ))
         return specs
-
-    def check_visible_input(self, x: torch.Tensor, mask: torch.Tensor) -> None:
-        """Raise ``ValueError`` naming the problem unless ``x [B, C, H, W]`` and ``mask`` suit this model."""
-        self.check_images(x)
-        self.check_mask(mask)
 
     def check_images(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``x`` is a float ``[B, C, H, W]`` batch of this model's size and channels."""
