@@ -140,13 +140,13 @@ def load_pretrained(
             model_name, pretrained=False, pretrained_cfg_overlay=_overlay(pretrained_cfg_overlay), **kwargs)
     except (RepositoryNotFoundError, EntryNotFoundError) as e:  # hf-hub: names read config.json first
         raise _hub_error(e, parse_model_name(model_name)[1], 'config.json') from e
-    cfg = model.pretrained_cfg
-    path = resolve_weights(cfg)
-    _check_published_file(cfg, path)
+    pretrained_cfg = model.pretrained_cfg
+    path = resolve_weights(pretrained_cfg)
+    _check_published_file(pretrained_cfg, path)
     state_dict = _pretrained_filter(model)(read_checkpoint(path)[0], model)
     reference = model.state_dict()
-    classifier = cfg.get('classifier')
-    if classifier and cfg.get('num_classes') != model.num_classes:  # adapting the head, as timm does
+    classifier = pretrained_cfg.get('classifier')
+    if classifier and pretrained_cfg.get('num_classes') != model.num_classes:  # adapting the head, as timm does
         for key in (f'{classifier}.weight', f'{classifier}.bias'):
             state_dict.pop(key, None)
             reference.pop(key, None)
