@@ -21,7 +21,7 @@ if '--smoke' in sys.argv:  # Triton reads this when it is imported
 
 import torch  # noqa: E402
 
-from greenmim.backend import BACKENDS, resolve_backend  # noqa: E402
+from greenmim.kernels.backend import BACKENDS, resolve_backend  # noqa: E402
 from greenmim.grouping import StageSpec, build_visible_layout  # noqa: E402
 from greenmim.kernels import (  # noqa: E402
     depthwise_conv_masked_grid, neighbour_map, sparse_depthwise_conv, sparse_depthwise_conv_reference,

@@ -146,11 +146,13 @@ class StageLayout:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """Static description of a stage: token grid, width, and the (window, shift) pairs its blocks use."""
+    """Static description of a stage: token grid, width, the (window, shift) pairs its blocks use, and whether it
+    starts by merging 2x2 neighbourhoods of the previous stage's tokens (timm's ``downsample``; the first stage
+    embeds patches instead)."""
     grid_size: Tuple[int, int]
     channels: int
     windows: Tuple[Tuple[Window, Shift], ...]
-    merges: bool
+    merges_previous_stage: bool
 
 
 def _segments(coords: np.ndarray, grid: Tuple[int, int], window: Window, shift: Shift):
@@ -208,7 +210,7 @@ def build_visible_layout(
         coords = np.argwhere(visible)  # raster order
         n = len(coords)
         merge_index = None
-        if spec.merges:
+        if spec.merges_previous_stage:
             children = [prev_lookup[2 * coords[:, 0] + dh, 2 * coords[:, 1] + dw] for dh, dw in
                         ((0, 0), (1, 0), (0, 1), (1, 1))]
             merge_index = torch.from_numpy(np.stack(children, 1)).to(device)

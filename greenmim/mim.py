@@ -4,7 +4,7 @@ Both take images ``[B, C, H, W]`` and return :class:`MIMOutput` with ``pred`` as
 (``L`` mask units of ``u x u`` pixels, raster order; pixel layout ``(row, col, channel)`` inside a unit).
 """
 import json
-from typing import Dict, NamedTuple, Optional, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Union
 
 import timm
 import torch
@@ -12,12 +12,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from greenmim.checkpoint import wrapper_metadata
 from greenmim.masking import num_visible, random_mask
 
-__all__ = ['MIMOutput', 'GreenMIM', 'SimMIM', 'patchify', 'unpatchify', 'split_mim_state_dict', 'DECODER_FILE',
-           'mim_metadata', 'mim_from_metadata', 'decoder_pos_embed']
-
-DECODER_FILE = 'mim_decoder.safetensors'  # the decoder part of a MIM checkpoint, beside the encoder's weights
+__all__ = ['MIMOutput', 'GreenMIM', 'SimMIM', 'patchify', 'unpatchify', 'mim_from_metadata', 'decoder_pos_embed']
 
 
 class MIMOutput(NamedTuple):
@@ -62,14 +60,6 @@ def decoder_pos_embed(grid_size: Tuple[int, int], dim: int) -> torch.Tensor:
     return torch.cat(parts, 1).float()
 
 
-def split_mim_state_dict(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-    """A GreenMIM/SimMIM state dict -> ``(encoder, decoder)``: the encoder's keys without ``encoder.`` (timm's
-    layout), and every other key (decoder and mask token) unchanged."""
-    encoder = {k[len('encoder.'):]: v for k, v in state_dict.items() if k.startswith('encoder.')}
-    decoder = {k: v for k, v in state_dict.items() if not k.startswith('encoder.')}
-    return encoder, decoder
-
-
 def _create_encoder(encoder: Union[str, nn.Module], **kwargs) -> nn.Module:
     if isinstance(encoder, str):
         encoder = timm.create_model(encoder, num_classes=0, **kwargs)
@@ -81,7 +71,8 @@ def _create_encoder(encoder: Union[str, nn.Module], **kwargs) -> nn.Module:
 
 
 class _MIMBase(nn.Module):
-    """Encoder, mask grid and mask sampling shared by GreenMIM and SimMIM."""
+    """Encoder, mask grid, mask sampling and the call shared by GreenMIM and SimMIM (which implement
+    :meth:`forward_masked`)."""
 
     def __init__(self, encoder, mask_ratio: float, **encoder_kwargs):
         super().__init__()
@@ -106,15 +97,28 @@ class _MIMBase(nn.Module):
         """Keyword arguments that rebuild this wrapper (decoder included) around the same encoder."""
         return {'mask_ratio': self.mask_ratio}
 
-    def _mask_for(self, images, mask, generator) -> torch.Tensor:
-        """``mask``, or a sampled one, after checking ``images`` (the mask is checked with its layout)."""
+    def no_weight_decay(self):
+        return {f'encoder.{n}' for n in self.encoder.no_weight_decay()} | {'mask_token'}
+
+    def forward(
+            self,
+            images: torch.Tensor,
+            mask: Optional[torch.Tensor] = None,
+            generator: Optional[torch.Generator] = None,
+    ) -> MIMOutput:
+        """Images ``[B, C, H, W]`` -> :class:`MIMOutput`; ``mask`` (bool ``[Hm, Wm]``, True = visible) is sampled
+        from ``generator`` when not given. The mask is checked where its layout is built."""
         self.encoder.check_images(images)
         if mask is None:
-            return self.sample_mask(generator)
-        if (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and tuple(mask.shape) == self.grid_size
+            mask = self.sample_mask(generator)
+        elif (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and tuple(mask.shape) == self.grid_size
                 and bool(mask.all())):
             raise ValueError('mask has no masked unit (all True = visible): MIM needs at least one unit to reconstruct')
-        return mask
+        return self.forward_masked(images, mask)
+
+    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor) -> MIMOutput:
+        """:meth:`forward` with a given mask, after the image checks."""
+        raise NotImplementedError
 
 
 class GreenMIM(_MIMBase):
@@ -154,9 +158,6 @@ class GreenMIM(_MIMBase):
         self.decoder_pred = nn.Linear(decoder_dim, self.unit * self.unit * self.encoder.in_chans)
         nn.init.normal_(self.mask_token, std=.02)
 
-    def no_weight_decay(self):
-        return {f'encoder.{n}' for n in self.encoder.no_weight_decay()} | {'mask_token'}
-
     def wrapper_kwargs(self) -> dict:
         return dict(super().wrapper_kwargs(), decoder_dim=self.decoder_embed.out_features,
                     decoder_depth=len(self.decoder_blocks), decoder_heads=self.decoder_heads,
@@ -179,14 +180,8 @@ class GreenMIM(_MIMBase):
             target = (target - mean) / (var + 1e-6) ** .5
         return F.mse_loss(pred[:, masked_units].float(), target)
 
-    def forward(
-            self,
-            images: torch.Tensor,
-            mask: Optional[torch.Tensor] = None,
-            generator: Optional[torch.Generator] = None,
-    ) -> MIMOutput:
-        """Images ``[B, C, H, W]`` -> :class:`MIMOutput`; ``mask`` (bool ``[Hm, Wm]``) is sampled when not given."""
-        mask = self._mask_for(images, mask, generator)
+    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor) -> MIMOutput:
+        """Encoder on the visible tokens -> decoder on every unit -> loss on the masked units."""
         layout = self.encoder.visible_layout(mask, images.shape[0], images.device, self.group_size)
         latent = self.encoder.norm(self.encoder.forward_visible(images, mask, layout)[-1])
         pred = self.forward_decoder(latent, layout[-1].token_index)
@@ -205,16 +200,8 @@ class SimMIM(_MIMBase):
         self.decoder = nn.Conv2d(self.encoder.num_features, self.unit ** 2 * self.encoder.in_chans, kernel_size=1)
         nn.init.trunc_normal_(self.mask_token, std=.02)
 
-    def no_weight_decay(self):
-        return {f'encoder.{n}' for n in self.encoder.no_weight_decay()} | {'mask_token'}
-
-    def forward(
-            self,
-            images: torch.Tensor,
-            mask: Optional[torch.Tensor] = None,
-            generator: Optional[torch.Generator] = None,
-    ) -> MIMOutput:
-        mask = self._mask_for(images, mask, generator)
+    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor) -> MIMOutput:
+        """Dense encoder with the mask token at masked tokens -> 1x1-conv decoder -> L1 on the masked pixels."""
         self.encoder.check_mask(mask)
         enc = self.encoder
         x = enc.patch_embed(images)  # [B, Rh, Rw, E]
@@ -229,14 +216,11 @@ class SimMIM(_MIMBase):
         return MIMOutput(loss, patchify(recon, self.unit), mask)
 
 
-def mim_metadata(mim: nn.Module) -> Dict[str, str]:
-    """Safetensors metadata naming the wrapper of a MIM checkpoint: ``mim_class`` and ``mim_kwargs`` (JSON)."""
-    return {'mim_class': type(mim).__name__, 'mim_kwargs': json.dumps(mim.wrapper_kwargs())}
-
-
 def mim_from_metadata(encoder: nn.Module, metadata: Dict[str, str]) -> nn.Module:
-    """The :class:`GreenMIM` / :class:`SimMIM` described by :func:`mim_metadata`, around ``encoder``."""
-    cls = {'GreenMIM': GreenMIM, 'SimMIM': SimMIM}.get(metadata.get('mim_class'))
+    """The :class:`GreenMIM` / :class:`SimMIM` a checkpoint's metadata describes (``mim_class``, ``mim_kwargs``; see
+    :mod:`greenmim.checkpoint`), around ``encoder``."""
+    wrapper = wrapper_metadata(metadata)
+    cls = {'GreenMIM': GreenMIM, 'SimMIM': SimMIM}.get(wrapper.get('mim_class'))
     if cls is None:
-        raise ValueError(f'metadata "mim_class" is {metadata.get("mim_class")!r}, not GreenMIM or SimMIM')
-    return cls(encoder, **json.loads(metadata.get('mim_kwargs', '{}')))
+        raise ValueError(f'metadata "mim_class" is {wrapper.get("mim_class")!r}, not GreenMIM or SimMIM')
+    return cls(encoder, **json.loads(wrapper.get('mim_kwargs', '{}')))

@@ -13,10 +13,11 @@ Source layouts (``{"model": {...}}``, as saved by the authors' training scripts)
 
 The Swin keys follow Microsoft's original layout: patch merging ends a stage (``layers.{i}.downsample`` is timm's
 ``layers.{i+1}.downsample``), the classifier is ``head.`` (timm: ``head.fc.``), and the buffers
-``relative_position_index`` / ``attn_mask`` are saved; timm's ``swin_transformer.checkpoint_filter_fn`` does that
-renaming. An early version of the authors' code concatenated each 2x2 neighbourhood as x00,x01,x10,x11 instead
-of Swin's x00,x10,x01,x11: ``--merge-order early`` permutes the 4C input channels of every ``downsample.norm`` and
-``downsample.reduction`` to fix such checkpoints (see docs/hub.md for how to tell).
+``relative_position_index`` / ``attn_mask`` are saved; the model family's ``original_to_timm`` (for Swin, timm's
+``swin_transformer.checkpoint_filter_fn``) does that renaming. An early version of the authors' code concatenated
+each 2x2 neighbourhood as x00,x01,x10,x11 instead of Swin's x00,x10,x01,x11: ``--merge-order early`` permutes the
+4C input channels of every ``downsample.norm`` and ``downsample.reduction`` to fix such checkpoints (see
+docs/hub.md for how to tell).
 
     python -m greenmim.hub.convert greenmim_swin_base.pth out.safetensors --model green_swin_base
 """
@@ -26,17 +27,17 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import safetensors.torch
 import timm
 import torch
-from timm.models.swin_transformer import checkpoint_filter_fn
 from torch import nn
 
-from greenmim.mim import GreenMIM, SimMIM, split_mim_state_dict
-
-from .checkpoint import read_state_dict, verify_state_dict
+from greenmim.checkpoint import (
+    is_mim_state_dict, read_checkpoint, split_mim_state_dict, verify_state_dict, weights_metadata)
+from greenmim.mim import GreenMIM, SimMIM
+from greenmim.models.family import family_of
 
 __all__ = ['KINDS', 'MERGE_ORDERS', 'detect_kind', 'swap_merge_order', 'build_target', 'convert_state_dict',
            'merge_order_losses', 'sample_images', 'add_arguments', 'run']
@@ -53,7 +54,7 @@ def detect_kind(state_dict: Dict[str, torch.Tensor]) -> str:
         return 'greenmim'
     if 'decoder.0.weight' in state_dict or 'decoder.weight' in state_dict:
         return 'simmim'
-    if any(k.startswith('encoder.') for k in state_dict):
+    if is_mim_state_dict(state_dict):
         raise ValueError('checkpoint has encoder.* keys but no known decoder (decoder_pred.* of GreenMIM or '
                          'decoder.0.* of SimMIM): pass --kind explicitly if it is an encoder-only export')
     return 'classifier'
@@ -139,8 +140,11 @@ def convert_state_dict(
     encoder, rest = (dict(state_dict), {}) if kind == 'classifier' else split_mim_state_dict(state_dict)
     encoder_model = target if kind == 'classifier' else target.encoder
     mask_token = encoder.pop('mask_token', None)  # SimMIM keeps it inside the encoder
+    family = family_of(encoder_model)
+    if family is None:
+        raise ValueError(f'{model_name} is not a green model: convert writes checkpoints of green_* models')
     _check_not_resized(encoder, encoder_model)
-    encoder = checkpoint_filter_fn(encoder, encoder_model)
+    encoder = family.original_to_timm(encoder, encoder_model)
     if merge_order == 'early':
         encoder = swap_merge_order(encoder)
         notes.append('patch-merging channels permuted from x00,x01,x10,x11 to x00,x10,x01,x11')
@@ -215,7 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    state_dict = read_state_dict(args.checkpoint)
+    state_dict = read_checkpoint(args.checkpoint)[0]
     if args.check_merge_order:
         images = sample_images(timm.create_model(args.model, **args.model_kwargs), args.check_images)
         losses = merge_order_losses(state_dict, args.model, images, decoder_heads=args.decoder_heads,
@@ -226,9 +230,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     converted, target, notes = convert_state_dict(
         state_dict, args.model, args.kind, args.merge_order, args.decoder_heads, **args.model_kwargs)
-    metadata = {'format': type(target).__name__, 'model': args.model,
-                'model_kwargs': json.dumps(args.model_kwargs), 'merge_order': args.merge_order,
-                'source': args.checkpoint.name}
+    is_mim = isinstance(target, (GreenMIM, SimMIM))
+    metadata = weights_metadata('mim' if is_mim else 'classifier', args.model, args.model_kwargs,
+                                wrapper=target if is_mim else None, merge_order=args.merge_order,
+                                source=args.checkpoint.name)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file({k: v.contiguous() for k, v in converted.items()}, args.output, metadata=metadata)
     print(f'{args.checkpoint} -> {args.output}: {len(converted)} tensors verified against '
@@ -238,11 +243,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m greenmim.hub.convert', description=__doc__.split('\n')[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # python -m greenmim.hub.convert is `greenmim convert`
+    from greenmim.cli import main
+    sys.exit(main(['convert', *sys.argv[1:]]))

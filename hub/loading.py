@@ -10,21 +10,20 @@ weights are not published yet each raise an error naming the problem.
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import safetensors
 import timm
 from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 from timm.models import parse_model_name
 from torch import nn
 
-from greenmim.mim import DECODER_FILE, mim_from_metadata
+from greenmim.checkpoint import DECODER_FILE, WEIGHTS_FILE, read_checkpoint, sha256_file, verify_state_dict
+from greenmim.mim import mim_from_metadata
 
-from .checkpoint import read_state_dict, sha256_file, verify_state_dict
-from .manifest import load_manifest
+from greenmim.models.family import family_of
+from greenmim.models.manifest import load_manifest
 
-__all__ = ['WEIGHTS_FILE', 'DECODER_FILE', 'load_pretrained', 'load_mim_pretrained', 'resolve_weights']
+__all__ = ['load_pretrained', 'load_mim_pretrained', 'resolve_weights']
 
-WEIGHTS_FILE = 'model.safetensors'
 _LOCAL_DIR = 'local-dir:'
 
 
@@ -102,9 +101,9 @@ def _overlay(pretrained_cfg_overlay: Optional[Dict[str, Any]]) -> Optional[Dict[
 
 
 def _pretrained_filter(model: nn.Module):
-    """The checkpoint filter timm applies for this model family (original-layout keys -> timm's)."""
-    from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
-    return checkpoint_filter_fn if isinstance(model, SwinTransformer) else (lambda sd, m: sd)
+    """The checkpoint filter timm applies for this model's family (original-layout keys -> timm's)."""
+    family = family_of(model)
+    return family.original_to_timm if family is not None else (lambda state_dict, _: state_dict)
 
 
 def _check_published_file(pretrained_cfg: Dict[str, Any], path: Path) -> None:
@@ -141,17 +140,17 @@ def load_pretrained(
             model_name, pretrained=False, pretrained_cfg_overlay=_overlay(pretrained_cfg_overlay), **kwargs)
     except (RepositoryNotFoundError, EntryNotFoundError) as e:  # hf-hub: names read config.json first
         raise _hub_error(e, parse_model_name(model_name)[1], 'config.json') from e
-    cfg = model.pretrained_cfg
-    path = resolve_weights(cfg)
-    _check_published_file(cfg, path)
-    state_dict = _pretrained_filter(model)(read_state_dict(path), model)
+    pretrained_cfg = model.pretrained_cfg
+    path = resolve_weights(pretrained_cfg)
+    _check_published_file(pretrained_cfg, path)
+    state_dict = _pretrained_filter(model)(read_checkpoint(path)[0], model)
     reference = model.state_dict()
-    classifier = cfg.get('classifier')
-    if classifier and cfg.get('num_classes') != model.num_classes:  # adapting the head, as timm does
+    classifier = pretrained_cfg.get('classifier')
+    if classifier and pretrained_cfg.get('num_classes') != model.num_classes:  # adapting the head, as timm does
         for key in (f'{classifier}.weight', f'{classifier}.bias'):
             state_dict.pop(key, None)
             reference.pop(key, None)
-    verify_state_dict(state_dict, reference, f'{model_name} ({type(model).__name__})')
+    verify_state_dict(state_dict, reference, f'{model_name} ({type(model).__name__})', source=path)
     model.load_state_dict(state_dict, strict=False)
     return model
 
@@ -162,15 +161,13 @@ def load_mim_pretrained(model_name: str, pretrained_cfg_overlay: Optional[Dict[s
     beside it (same repository, folder, or the file's folder)."""
     encoder = load_pretrained(model_name, pretrained_cfg_overlay, **kwargs)
     path = resolve_weights(encoder.pretrained_cfg, DECODER_FILE)
-    decoder = read_state_dict(path)
-    with safetensors.safe_open(path, 'pt') as f:
-        metadata = f.metadata() or {}
+    decoder, metadata = read_checkpoint(path)
     try:
         mim = mim_from_metadata(encoder, metadata)
     except ValueError as e:
         raise ValueError(f'{path}: {e}') from None
     reference = {k: v for k, v in mim.state_dict().items() if not k.startswith('encoder.')}
-    verify_state_dict(decoder, reference, f'the {type(mim).__name__} decoder for {model_name}')
+    verify_state_dict(decoder, reference, f'the {type(mim).__name__} decoder for {model_name}', source=path)
     mim.load_state_dict(decoder, strict=False)
     return mim
 

@@ -14,20 +14,20 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import safetensors.torch
 import timm
 from huggingface_hub import HfApi
 from timm.models import save_for_hf
 
-from greenmim.mim import mim_metadata, split_mim_state_dict
+from greenmim.checkpoint import (
+    DECODER_FILE, WEIGHTS_FILE, is_mim_state_dict, read_checkpoint, sha256_file, split_mim_state_dict,
+    verify_state_dict, weights_metadata)
 
 from .card import render_model_card
-from .checkpoint import read_state_dict, sha256_file, verify_state_dict
 from .convert import build_target, detect_kind
-from .loading import DECODER_FILE, WEIGHTS_FILE
-from .manifest import Metric, Release, load_manifest, write_release
+from greenmim.models.manifest import Metric, Release, load_manifest, write_release
 
 __all__ = ['build_repo_folder', 'add_arguments', 'run']
 
@@ -73,10 +73,10 @@ def build_repo_folder(
     model_kwargs = model_kwargs or {}
     if out.exists() and any(out.iterdir()):
         raise ValueError(f'output folder {out} is not empty')
-    state_dict = read_state_dict(checkpoint)
+    state_dict = read_checkpoint(checkpoint)[0]
     if decoder_checkpoint is not None:
-        state_dict = {f'encoder.{k}': v for k, v in state_dict.items()} | read_state_dict(decoder_checkpoint)
-    has_encoder = any(k.startswith('encoder.') for k in state_dict)
+        state_dict = {f'encoder.{k}': v for k, v in state_dict.items()} | read_checkpoint(decoder_checkpoint)[0]
+    has_encoder = is_mim_state_dict(state_dict)
     if release.is_mim != has_encoder:
         raise ValueError(
             f'{release.name} needs a {"MIM (encoder.* + decoder)" if release.is_mim else "classifier"} checkpoint, '
@@ -86,10 +86,10 @@ def build_repo_folder(
     if release.is_mim:
         kind = detect_kind(state_dict)
         mim = build_target(kind, release.model, state_dict, decoder_heads, **model_kwargs)
-        verify_state_dict(state_dict, mim.state_dict(), f'{type(mim).__name__} around {release.model}')
+        verify_state_dict(state_dict, mim.state_dict(), f'{type(mim).__name__} around {release.model}', checkpoint)
         state_dict, decoder = split_mim_state_dict(state_dict)
-        decoder_meta = mim_metadata(mim)
-    verify_state_dict(state_dict, model.state_dict(), f'{release.name} ({type(model).__name__})')
+        decoder_meta = weights_metadata('decoder', release.model, model_kwargs, wrapper=mim)
+    verify_state_dict(state_dict, model.state_dict(), f'{release.name} ({type(model).__name__})', checkpoint)
     model.load_state_dict(state_dict)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -158,11 +158,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m greenmim.hub.publish', description=__doc__.split('\n')[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # python -m greenmim.hub.publish is `greenmim publish`
+    from greenmim.cli import main
+    sys.exit(main(['publish', *sys.argv[1:]]))

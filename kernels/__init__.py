@@ -1,10 +1,14 @@
 """greenmim.kernels: group window attention and sparse depthwise convolution (Triton kernels and the PyTorch
-reference), dispatched by backend."""
-from typing import Optional, Tuple
+reference), dispatched by backend.
+
+Installed from the top-level ``kernels/`` folder (``package-dir`` in pyproject.toml): ``kernels/backend.py`` is
+``greenmim.kernels.backend``, and so on.
+"""
+from typing import Optional
 
 import torch
 
-from greenmim.backend import resolve_backend
+from .backend import resolve_backend
 from .group_attention_op import group_window_attention_triton
 from .neighbour_map import neighbour_map
 from .reference import (
@@ -15,26 +19,19 @@ from .sparse_conv_op import check_sparse_conv_inputs, sparse_depthwise_conv_trit
 
 __all__ = [
     'group_window_attention', 'group_window_attention_reference', 'group_window_attention_triton',
-    'relative_position_index',
+    'relative_position_index', 'resolve_backend',
     'neighbour_map', 'sparse_depthwise_conv', 'sparse_depthwise_conv_reference', 'sparse_depthwise_conv_triton',
     'depthwise_conv_masked_grid',
 ]
 
+_IMPLEMENTATIONS = {'torch': group_window_attention_reference, 'triton': group_window_attention_triton}
 
-def group_window_attention(
-        qkv: torch.Tensor,
-        index: torch.Tensor,
-        segment: torch.Tensor,
-        position: torch.Tensor,
-        bias_table: torch.Tensor,
-        window_size: Tuple[int, int],
-        scale: float,
-        backend: Optional[str] = None,
-) -> torch.Tensor:
-    """Group window attention ``qkv [T, 3, H, D] -> [T, H, D]``; see :func:`group_window_attention_reference`."""
-    if resolve_backend(qkv, backend) == 'triton':
-        return group_window_attention_triton(qkv, index, segment, position, bias_table, window_size, scale)
-    return group_window_attention_reference(qkv, index, segment, position, bias_table, window_size, scale)
+
+def group_window_attention(qkv: torch.Tensor, *args, backend: Optional[str] = None) -> torch.Tensor:
+    """Group window attention ``qkv [T, 3, H, D] -> [T, H, D]`` on the backend chosen for ``qkv``
+    (:func:`~greenmim.kernels.backend.resolve_backend`); the other arguments are those of
+    :func:`group_window_attention_reference`, passed on unchanged."""
+    return _IMPLEMENTATIONS[resolve_backend(qkv, backend)](qkv, *args)
 
 
 def sparse_depthwise_conv(

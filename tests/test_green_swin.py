@@ -1,4 +1,5 @@
 """green_swin: timm compatibility, forward_visible vs an independent dense computation, input checks."""
+import dataclasses
 import os
 
 import pytest
@@ -58,8 +59,6 @@ def test_timm_model_api():
     assert model(x).shape == (1, 5)
     assert 'layers.0.blocks.0.attn.relative_position_bias_table' in model.no_weight_decay()
     assert model.group_matcher()['stem'] == r'^patch_embed'
-    feats = timm.create_model('green_swin_tiny', features_only=True, out_indices=(1, 3))(x)
-    assert [f.shape[-1] for f in feats] == [28, 7] or [f.shape[1] for f in feats] == [28, 7]
     assert timm.create_model('green_swin_tiny.mim_in1k').num_classes == 0
     assert timm.create_model('green_swin_base').num_classes == 1000
     with pytest.raises(TypeError):
@@ -86,10 +85,35 @@ def test_forward_visible_matches_dense_key_masked(name, kwargs, ratio):
             assert _rel_err(o, d) < 1e-5
 
 
-def test_forward_visible_shifted_and_plain_windows_are_exercised():
-    model = timm.create_model('green_swin_tiny')
-    kinds = {(tuple(b.window_size), tuple(b.shift_size)) for s in model.layers for b in s.blocks}
-    assert ((7, 7), (0, 0)) in kinds and ((7, 7), (3, 3)) in kinds
+def test_features_only_is_timm_swin():
+    torch.manual_seed(0)
+    ours = timm.create_model('green_swin_tiny', features_only=True, out_indices=(1, 3)).eval()
+    ref = timm.create_model('swin_tiny_patch4_window7_224', features_only=True, out_indices=(1, 3)).eval()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        feats, expected = ours(x), ref(x)
+    assert [tuple(f.shape) for f in feats] == [(1, 28, 28, 192), (1, 7, 7, 768)]  # NHWC, as timm's Swin
+    for a, b in zip(feats, expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_dense_check_fails_for_attention_that_ignores_the_shift():
+    """The dense comparison is sensitive to the shifted windows: the same model run with every block's attention
+    laid out as for an unshifted window disagrees with the dense reference."""
+    model = _model('green_swin_tiny')
+    mask = random_mask((7, 7), 0.75, torch.Generator().manual_seed(5))
+    x = torch.randn(1, 3, 224, 224)
+    layout = model.visible_layout(mask, 1)
+    unshifted = [dataclasses.replace(stage, attention={
+        key: stage.attention[(key[0], (0, 0))] for key in stage.attention}) for stage in layout]
+    assert any(shift != (0, 0) for stage in layout for _, shift in stage.attention)
+    with torch.no_grad():
+        dense = dense_key_masked_stages(model, x, mask)
+        right = model.forward_visible(x, mask, layout)
+        wrong = model.forward_visible(x, mask, unshifted)
+    assert _rel_err(right[0], dense[0]) < 1e-5
+    assert _rel_err(wrong[0], dense[0]) > 1e-3
 
 
 def test_all_visible_mask_is_dense_forward():

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures('triton_mode')  # tests/conftest.py: interp
 def _layout(grid, window, shift, batch=1, ratio=0.5, seed=0, group_size=None, channels=32, device='cpu'):
     """Attention layout of one stage from a random mask of 2x2-token units (``build_visible_layout``)."""
     mask = random_mask((grid[0] // 2, grid[1] // 2), ratio, torch.Generator().manual_seed(seed))
-    spec = StageSpec(grid_size=grid, channels=channels, windows=((window, shift),), merges=False)
+    spec = StageSpec(grid_size=grid, channels=channels, windows=((window, shift),), merges_previous_stage=False)
     stage = build_visible_layout(mask, [spec], batch, device, group_size)[0]
     return stage.attention[(window, shift)], batch * stage.num_tokens
 

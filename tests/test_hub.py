@@ -1,5 +1,6 @@
 """Publishing (dry run), model cards, and loading published weights: from a file, a local folder, a real local
 Hub endpoint (olah serving a git repository, ``HF_ENDPOINT``) and the HF cache offline; and every error case."""
+import argparse
 import contextlib
 import dataclasses
 import io
@@ -20,8 +21,8 @@ from huggingface_hub import ModelCard
 
 import greenmim
 from greenmim.hub import Metric, load_manifest, publish
-from greenmim.hub.manifest import write_release
-from greenmim.hub.checkpoint import sha256_file
+from greenmim.models.manifest import write_release
+from greenmim.checkpoint import sha256_file, split_mim_state_dict
 from greenmim.hub.loading import load_mim_pretrained, load_pretrained
 
 TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
@@ -30,10 +31,12 @@ HUB_ID = 'greenmim/green_swin_tiny.mim_in1k'
 
 
 def run_publish(*argv):
-    """``python -m greenmim.hub.publish`` in-process; returns (exit code, the printed manifest entry)."""
+    """``greenmim publish`` in-process, errors raised; returns (exit code, the printed manifest entry)."""
+    parser = argparse.ArgumentParser()
+    publish.add_arguments(parser)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = publish.main([str(a) for a in argv])
+        code = publish.run(parser.parse_args([str(a) for a in argv]))
     return code, json.loads(stdout.getvalue().strip().splitlines()[-1])
 
 
@@ -80,7 +83,8 @@ def test_publish_writes_a_timm_repository(published):
 def test_model_card_parses_with_hub_metadata(published):
     card = ModelCard.load(published[0] / 'README.md')
     assert card.data.library_name == 'timm' and card.data.license == 'apache-2.0'
-    assert {'masked-image-modeling', 'timm'} <= set(card.data.tags)
+    assert {'masked-image-modeling', 'timm', 'swin-transformer'} <= set(card.data.tags)
+    assert 'A Swin Transformer encoder pre-trained with GreenMIM' in card.text
     assert card.data.datasets == ['imagenet-1k'] and card.data.metrics
     for section in ('## Usage', '## Training recipe', '## Speed vs SimMIM', '## Citation', 'Not published yet'):
         assert section in card.text
@@ -118,7 +122,7 @@ def test_publish_refuses_bad_input(mim, published, tmp_path, monkeypatch):
 
 def test_publish_takes_encoder_and_decoder_files(mim, published, tmp_path):
     """``greenmim export`` writes the encoder (timm layout) and the decoder apart: same repository."""
-    encoder, decoder = greenmim.mim.split_mim_state_dict(mim[0].state_dict())
+    encoder, decoder = split_mim_state_dict(mim[0].state_dict())
     safetensors.torch.save_file(encoder, tmp_path / 'model.safetensors')
     safetensors.torch.save_file(decoder, tmp_path / 'decoder.safetensors')
     run_publish(tmp_path / 'model.safetensors', '--decoder', tmp_path / 'decoder.safetensors',
@@ -175,7 +179,7 @@ def test_load_errors_name_the_problem(published, tmp_path):
         load_pretrained(NAME, pretrained_cfg_overlay=dict(file=str(truncated)), **TINY)
     other = tmp_path / 'other.safetensors'
     safetensors.torch.save_file(timm.create_model('resnet10t').state_dict(), other)
-    with pytest.raises(ValueError, match=r'does not match .*\(0/\d+ keys found\).*another architecture'):
+    with pytest.raises(ValueError, match=r'does not fit .*\(0/\d+ keys found\).*another model'):
         load_pretrained(NAME, pretrained_cfg_overlay=dict(file=str(other)), **TINY)
     with pytest.raises(ValueError, match=r'shape mismatch: patch_embed\.proj\.weight'):
         load_pretrained(NAME, pretrained_cfg_overlay=dict(file=str(out / 'model.safetensors')),

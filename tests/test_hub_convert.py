@@ -13,7 +13,8 @@ from timm.models.swin_transformer import PatchMerging
 
 import greenmim
 from greenmim.hub import convert
-from greenmim.mim import split_mim_state_dict
+from greenmim.checkpoint import split_mim_state_dict
+from greenmim.cli import main
 
 TINY = dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 2))
 SWIN_ORDER = ('x00', 'x10', 'x01', 'x11')  # x{row}{col} neighbours of a 2x2 merge, as Swin concatenates them
@@ -210,11 +211,12 @@ def test_encoder_without_decoder_needs_an_explicit_kind(green):
         convert.convert_state_dict(encoder_only, 'green_swin_tiny', **TINY)
 
 
-def test_unsafe_pickle_is_refused_with_a_reason(tmp_path):
+def test_unsafe_pickle_is_refused_with_a_reason(tmp_path, capsys):
     path = tmp_path / 'ckpt.pth'
     torch.save({'model': {}, 'callback': PatchMerging}, path)
-    with pytest.raises(ValueError, match=r'PatchMerging\), which are not unpickled for safety'):
-        convert.main([str(path), str(tmp_path / 'out.safetensors'), '--model', 'green_swin_tiny'])
+    assert main(['convert', str(path), str(tmp_path / 'out.safetensors'), '--model', 'green_swin_tiny']) == 2
+    assert re.search(r'greenmim convert: error: .*PatchMerging\), which are not unpickled for safety',
+                     capsys.readouterr().err)
 
 
 def test_bad_merge_order_name():
@@ -226,9 +228,12 @@ def test_command_writes_a_verified_safetensors_file(green, tmp_path):
     source = tmp_path / 'greenmim_swin_tiny.pth'
     torch.save(authors_greenmim(green), source)
     out = tmp_path / 'converted.safetensors'
-    assert convert.main([str(source), str(out), '--model', 'green_swin_tiny', '--model-kwargs', json.dumps(TINY)]) == 0
+    assert main(['convert', str(source), str(out), '--model', 'green_swin_tiny', '--model-kwargs', json.dumps(TINY)]) == 0
     with safetensors.safe_open(out, 'pt') as f:
-        assert f.metadata()['format'] == 'GreenMIM' and f.metadata()['merge_order'] == 'swin'
+        metadata = f.metadata()
+    assert (metadata['format'], metadata['kind'], metadata['mim_class'], metadata['merge_order']) == (
+        'greenmim', 'mim', 'GreenMIM', 'swin')
+    assert json.loads(metadata['mim_kwargs'])['decoder_dim'] == 32
     assert_same(safetensors.torch.load_file(out), green.state_dict())
 
 
@@ -243,6 +248,6 @@ def test_merge_order_check_scores_each_order(green, tmp_path, capsys):
     assert losses['swin'] == pytest.approx(expected) and losses['early'] != losses['swin']
     source = tmp_path / 'ckpt.pth'
     torch.save(checkpoint, source)
-    assert convert.main([str(source), str(tmp_path / 'unused.safetensors'), '--model', 'green_swin_tiny',
+    assert main(['convert', str(source), str(tmp_path / 'unused.safetensors'), '--model', 'green_swin_tiny',
                          '--model-kwargs', json.dumps(TINY), '--check-merge-order', '--check-images', '2']) == 0
     assert 'lower loss: --merge-order' in capsys.readouterr().out and not (tmp_path / 'unused.safetensors').exists()

@@ -2,11 +2,11 @@
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 import greenmim
 from greenmim.masking import random_mask
-from greenmim.mim import patchify, split_mim_state_dict, unpatchify
+from greenmim.checkpoint import split_mim_state_dict
+from greenmim.mim import patchify, unpatchify
 from dense_reference import dense_key_masked_stages
 
 
@@ -50,15 +50,41 @@ def test_green_mim_decoder_positions_are_not_interchangeable():
     assert not torch.allclose(a, c)
 
 
-def test_green_mim_loss_is_normalised_mse_on_masked_units():
+def _zero_decoder(mim):
+    with torch.no_grad():
+        mim.decoder_pred.weight.zero_()
+        mim.decoder_pred.bias.zero_()
+    return mim
+
+
+def test_green_mim_loss_of_a_zero_prediction():
+    """Predicting 0 everywhere costs the mean square of the masked pixels (raw targets), and (D - 1) / D with
+    per-unit standardised targets (D = 32 * 32 * 3 values per unit, standardised with the unbiased variance)."""
+    mask = random_mask((7, 7), 0.75, torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, 224, 224) * 3 + 1
+    hidden = (~mask).repeat_interleave(32, 0).repeat_interleave(32, 1)
+    d = 32 * 32 * 3
+    for norm_pix_loss, expected in ((False, x[:, :, hidden].square().mean()), (True, torch.tensor((d - 1) / d))):
+        with torch.no_grad():
+            loss = _zero_decoder(_green(norm_pix_loss=norm_pix_loss))(x, mask).loss
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+
+
+def test_green_mim_loss_ignores_brightness_and_contrast_of_each_masked_unit():
+    """The target is standardised per unit and the encoder never sees masked pixels: an affine change of each
+    masked unit leaves the loss as it was; changing the pattern inside masked units does not."""
     mim = _green()
     mask = random_mask((7, 7), 0.75, torch.Generator().manual_seed(1))
     x = torch.randn(2, 3, 224, 224)
+    hidden = (~mask).repeat_interleave(32, 0).repeat_interleave(32, 1)
+    per_unit = lambda t: t.repeat_interleave(32, -2).repeat_interleave(32, -1)  # noqa: E731
+    scale, shift = per_unit(torch.rand(2, 1, 7, 7) * 2 + 0.5), per_unit(torch.randn(2, 1, 7, 7) * 5)
     with torch.no_grad():
-        out = mim(x, mask)
-    target = patchify(x, 32)[:, ~mask.flatten()]
-    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-    torch.testing.assert_close(out.loss, F.mse_loss(out.pred[:, ~mask.flatten()], target))
+        loss = mim(x, mask).loss
+        affine = mim(torch.where(hidden, x * scale + shift, x), mask).loss
+        flipped = mim(torch.where(hidden, x.flip(-1), x), mask).loss
+    torch.testing.assert_close(affine, loss, rtol=1e-5, atol=0)
+    assert not torch.allclose(flipped, loss, rtol=1e-3)
 
 
 def test_green_mim_trains():

@@ -1,4 +1,6 @@
-"""Green model families, registered in timm on import."""
+"""Green model families, registered in timm on import, with the family records and the release manifest that
+train/ and hub/ read (:mod:`greenmim.models.family`, :mod:`greenmim.models.manifest`)."""
+from .family import FAMILIES, ModelFamily, family_of
 from .green_swin import GreenSwinTransformer
 
-__all__ = ['GreenSwinTransformer']
+__all__ = ['GreenSwinTransformer', 'ModelFamily', 'FAMILIES', 'family_of']

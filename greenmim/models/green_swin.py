@@ -16,9 +16,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from greenmim.grouping import AttentionLayout, StageLayout, StageSpec, build_visible_layout
-from greenmim.hub.manifest import Release, load_manifest
 from greenmim.kernels import group_window_attention
 from greenmim.masking import check_mask
+from greenmim.models.family import ModelFamily, register_family
+from greenmim.models.manifest import pretrained_cfgs
 
 __all__ = ['GreenSwinTransformer']
 
@@ -40,14 +41,9 @@ class GreenSwinTransformer(SwinTransformer):
                 grid_size=tuple(stage.output_resolution),
                 channels=stage.blocks[0].dim,
                 windows=windows,
-                merges=not isinstance(stage.downsample, nn.Identity),
+                merges_previous_stage=not isinstance(stage.downsample, nn.Identity),
             ))
         return specs
-
-    def check_visible_input(self, x: torch.Tensor, mask: torch.Tensor) -> None:
-        """Raise ``ValueError`` naming the problem unless ``x [B, C, H, W]`` and ``mask`` suit this model."""
-        self.check_images(x)
-        self.check_mask(mask)
 
     def check_images(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``x`` is a float ``[B, C, H, W]`` batch of this model's size and channels."""
@@ -190,10 +186,9 @@ def _create_green_swin(variant: str, pretrained: bool = False, **kwargs) -> Gree
         **kwargs)
 
 
-def _cfg(release: Optional[Release] = None, **kwargs):
-    """timm pretrained cfg. A weights source (the release's full hub id) is set only for a published release,
-    so ``pretrained=True`` on a tag without weights fails at once with timm's "No pretrained weights exist"."""
-    cfg = {
+def _cfg(**kwargs):
+    """timm pretrained cfg shared by every green Swin tag (the weights source comes from the release manifest)."""
+    return {
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
@@ -201,25 +196,20 @@ def _cfg(release: Optional[Release] = None, **kwargs):
         'license': 'apache-2.0', 'paper_ids': 'arXiv:2205.13515',
         'paper_name': 'Green Hierarchical Vision Transformer for Masked Image Modeling', **kwargs,
     }
-    if release is not None:
-        status = () if release.published else (
-            f'NOT YET PUBLISHED: no weights at {release.hub_id} yet. {release.notes}'.strip(),)
-        cfg.update(
-            hf_hub_id=release.hub_id if release.published else None,
-            license=release.license,
-            notes=status + tuple(f'{step}: {how}' for step, how in release.recipe.items()),
-        )
-    return cfg
 
 
-_RELEASES = load_manifest()
+def _describe(model: GreenSwinTransformer) -> str:
+    widths = '/'.join(str(stage.blocks[0].dim) for stage in model.layers)
+    depths = '/'.join(str(len(stage.blocks)) for stage in model.layers)
+    return f'widths {widths}, depths {depths}, window {model.layers[0].blocks[0].window_size[0]}'
 
-# the fine-tuned classifier is the default tag ('*'), whether or not weights are published yet
-default_cfgs = generate_default_cfgs({
-    f'green_swin_{size}.{tag}{"*" if tag.endswith("_ft_in1k") else ""}': _cfg(
-        _RELEASES.get(f'green_swin_{size}.{tag}'), num_classes=1000 if tag.endswith('_ft_in1k') else 0)
-    for size in ('tiny', 'small', 'base', 'large') for tag in ('mim_in1k_ft_in1k', 'mim_in1k')
-})
+
+SWIN = register_family(ModelFamily(
+    name='Swin Transformer', hub_tag='swin-transformer', model_class=GreenSwinTransformer,
+    models=tuple(f'green_swin_{size}' for size in ('tiny', 'small', 'base', 'large')),
+    original_to_timm=checkpoint_filter_fn, describe=_describe))
+
+default_cfgs = generate_default_cfgs(pretrained_cfgs(SWIN.models, _cfg()))
 
 
 @register_model

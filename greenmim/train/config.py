@@ -1,13 +1,15 @@
 """Helpers shared by the training commands: config dataclasses <-> command-line flags, seeds, autocast dtype."""
 import argparse
 import ast
-from dataclasses import fields
-from typing import Any, Dict, Optional, get_args, get_type_hints
+from dataclasses import fields, is_dataclass
+from typing import Any, Callable, Dict, Optional, Tuple, get_args, get_type_hints
 
 import numpy as np
 import torch
 
-__all__ = ['amp_dtype', 'derived_seed', 'add_config_arguments', 'config_from_args']
+from .data import DATA_FORMATS
+
+__all__ = ['amp_dtype', 'derived_seed', 'add_config_arguments', 'config_from_args', 'config_command', 'COMMON_HELP']
 
 
 def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -40,9 +42,11 @@ def _kwargs(pairs) -> Dict[str, Any]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls, help_text: Dict[str, str]) -> None:
-    """One ``--flag`` per dataclass field of ``config_cls`` (bools as ``--flag/--no-flag``)."""
+    """One ``--flag`` per dataclass field of ``config_cls`` (bools as ``--flag/--no-flag``), its own fields before
+    those it inherits (the ``RunConfig`` ones)."""
     defaults, hints = config_cls(), get_type_hints(config_cls)
-    for f in fields(config_cls):
+    inherited = {f.name for base in config_cls.__mro__[1:] if is_dataclass(base) for f in fields(base)}
+    for f in sorted(fields(config_cls), key=lambda f: f.name in inherited):
         flag, default = '--' + f.name.replace('_', '-'), getattr(defaults, f.name)
         doc = help_text.get(f.name, '')
         if f.name == 'model_kwargs':
@@ -63,3 +67,28 @@ def config_from_args(config_cls, args: argparse.Namespace):
     values.update({k: tuple(v) for k, v in values.items() if isinstance(v, list) and k != 'model_kwargs'})
     values['model_kwargs'] = _kwargs(values.get('model_kwargs'))
     return config_cls(**values)
+
+
+COMMON_HELP = {
+    'model': 'green model name registered in timm',
+    'model_kwargs': 'extra timm model kwargs, e.g. window_size=14 depths="(2,2,18,2)"',
+    'data_format': f'one of {DATA_FORMATS}',
+    'batch_size': 'images per device and micro-batch',
+    'accum_iter': 'micro-batches per optimizer step',
+    'resume': 'checkpoint folder, run folder or its checkpoints/ folder to continue exactly',
+    'max_steps': 'stop after this many optimizer steps in total, with a checkpoint (schedule unchanged)',
+}
+
+
+def config_command(config_cls, train: Callable, help_text: Dict[str, str]) -> Tuple[Callable, Callable]:
+    """``(add_arguments, run)`` of the ``greenmim`` subcommand that runs ``train(config_cls(...))``, one flag per
+    config field (help from :data:`COMMON_HELP` and ``help_text``)."""
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_config_arguments(parser, config_cls, {**COMMON_HELP, **help_text})
+
+    def run(args: argparse.Namespace) -> int:
+        train(config_from_args(config_cls, args))
+        return 0
+
+    return add_arguments, run

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ['DistInfo', 'init_distributed', 'all_reduce_sum', 'all_gather_objects']
+__all__ = ['DistributedProcess', 'init_distributed', 'all_reduce_sum', 'all_gather_objects']
 
 
 @dataclass(frozen=True)
-class DistInfo:
+class DistributedProcess:
+    """This process's place in the run: its rank among ``world_size`` processes and its device."""
     rank: int
     world_size: int
     local_rank: int
@@ -28,7 +29,7 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str = 'auto') -> DistInfo:
+def init_distributed(device: str = 'auto') -> DistributedProcess:
     """Join the process group described by the environment (if any) and pick this rank's device."""
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
@@ -39,24 +40,24 @@ def init_distributed(device: str = 'auto') -> DistInfo:
         device = f'cuda:{local_rank}'
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if str(device).startswith('cuda') else 'gloo')
-    return DistInfo(rank, world_size, local_rank, torch.device(device))
+    return DistributedProcess(rank, world_size, local_rank, torch.device(device))
 
 
-def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+def all_reduce_sum(values: torch.Tensor, process: DistributedProcess) -> torch.Tensor:
     """Sum of ``values`` over ranks (``values`` itself in one process)."""
-    if info.distributed:
+    if process.distributed:
         values = values.clone()
         dist.all_reduce(values)
     return values
 
 
-def all_gather_objects(obj, info: DistInfo) -> list:
+def all_gather_objects(obj, process: DistributedProcess) -> list:
     """``[obj of rank 0, obj of rank 1, ...]`` for objects ``torch.load(weights_only=True)`` accepts (tensors
     travel as ``torch.save`` bytes: ``all_gather_object`` cannot unpickle CPU tensors on every torch version)."""
-    if not info.distributed:
+    if not process.distributed:
         return [obj]
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    out = [None] * info.world_size
+    out = [None] * process.world_size
     dist.all_gather_object(out, buffer.getvalue())
     return [torch.load(io.BytesIO(b), weights_only=True) for b in out]

@@ -1,10 +1,13 @@
 """The training loop shared by pre-training and fine-tuning.
 
-One optimizer step = ``accum_iter`` micro-batches (DDP syncs gradients on the last one only). The loop owns what
-makes a run resumable and visible: the lr schedule per optimizer step, bf16/fp16 autocast, the NaN guard, the
-progress bar and JSONL log, checkpoints (periodic, at the end, on Ctrl-C and at ``max_steps``) and exact resume:
-the data position is counted in micro-batches of the current epoch, the sampler order is a function of
-``(seed, epoch)``, every sample's augmentation a function of ``(seed, epoch, index)``, and the RNG states saved
+:meth:`Trainer.fit` runs epochs; an epoch is a sequence of optimizer steps, each of ``accum_iter`` calls of
+:meth:`Trainer._micro_step` (forward and backward of one micro-batch; DDP syncs gradients on the last one only)
+followed by :meth:`Trainer._optimizer_step`; :meth:`Trainer._end_epoch` evaluates, logs and checkpoints.
+
+The loop owns what makes a run resumable and visible: the lr schedule per optimizer step, bf16/fp16 autocast, the
+NaN guard, the progress bar and JSONL log, checkpoints (periodic, at the end, on Ctrl-C and at ``max_steps``) and
+exact resume: the data position is counted in micro-batches of the current epoch, the sampler order is a function
+of ``(seed, epoch)``, every sample's augmentation a function of ``(seed, epoch, index)``, and the RNG states saved
 are those right after the last completed optimizer step.
 """
 import json
@@ -12,17 +15,17 @@ import math
 import signal
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
-from .checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from .data import Batch, ResumableSampler, collate_images
-from .distributed import DistInfo, all_gather_objects, all_reduce_sum
+from .distributed import DistributedProcess, all_gather_objects, all_reduce_sum
+from .run_checkpoints import capture_rng_state, restore_rng_state, save_checkpoint
 
 __all__ = ['NonFiniteLossError', 'LoopConfig', 'TrainSummary', 'Trainer', 'steps_per_epoch']
 
@@ -33,6 +36,7 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class LoopConfig:
+    """The settings the loop reads: the fields of the same names of a ``PretrainConfig`` / ``FinetuneConfig``."""
     epochs: int
     batch_size: int                 # per rank and micro-batch
     accum_iter: int = 1
@@ -43,6 +47,11 @@ class LoopConfig:
     save_every: int = 1              # epochs between checkpoints (the last epoch is always saved)
     keep_last: int = 2
     log_every: int = 1               # optimizer steps between JSONL step records
+
+    @classmethod
+    def of(cls, run_config) -> 'LoopConfig':
+        """The loop settings of a run's config."""
+        return cls(**{f.name: getattr(run_config, f.name) for f in fields(cls)})
 
 
 @dataclass
@@ -59,243 +68,300 @@ class TrainSummary:
     wall_time_s: float = 0.0
 
 
-def steps_per_epoch(dataset, config: LoopConfig, info: DistInfo) -> int:
+@dataclass
+class StepTotals:
+    """What the micro-batches of the current optimizer step added up to (the loss is the rank mean)."""
+    loss: float = 0.0
+    images: int = 0
+
+
+@dataclass
+class EpochLoss:
+    """Sum and count of the optimizer-step losses so far in the current epoch."""
+    total: float = 0.0
+    steps: int = 0
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.steps, 1)
+
+
+@dataclass
+class StopRequest:
+    """Set by the first Ctrl-C (on any rank): save and stop after the current optimizer step."""
+    requested: bool = False
+
+
+def steps_per_epoch(dataset, loop: LoopConfig, process: DistributedProcess) -> int:
     """Optimizer steps per epoch on each rank (incomplete micro-batches and steps are dropped)."""
-    per_rank = len(dataset) if isinstance(dataset, IterableDataset) else math.ceil(len(dataset) / info.world_size)
-    steps = per_rank // (config.batch_size * config.accum_iter)
+    per_rank = len(dataset) if isinstance(dataset, IterableDataset) else math.ceil(len(dataset) / process.world_size)
+    steps = per_rank // (loop.batch_size * loop.accum_iter)
     if steps == 0:
         raise ValueError(f'{per_rank} images per rank are fewer than one optimizer step needs '
-                         f'(batch_size {config.batch_size} x accum_iter {config.accum_iter}): lower the batch size')
+                         f'(batch_size {loop.batch_size} x accum_iter {loop.accum_iter}): lower the batch size')
     return steps
 
 
 @contextmanager
 def _stop_on_sigint():
-    """First Ctrl-C sets ``flag['stop']`` (the loop saves and stops after the current step); a second one raises
-    ``KeyboardInterrupt``. Outside the main thread nothing is installed."""
-    flag = {'stop': False}
+    """First Ctrl-C sets the yielded :class:`StopRequest`; a second one raises ``KeyboardInterrupt``. Outside the
+    main thread nothing is installed."""
+    stop = StopRequest()
 
     def handler(signum, frame):
-        if flag['stop']:
+        if stop.requested:
             raise KeyboardInterrupt
-        flag['stop'] = True
+        stop.requested = True
         print('\nCtrl-C: stopping after this step and saving a resumable checkpoint (Ctrl-C again to abort)',
               flush=True)
 
     try:
         previous = signal.signal(signal.SIGINT, handler)
     except ValueError:  # not the main thread
-        yield flag
+        yield stop
         return
     try:
-        yield flag
+        yield stop
     finally:
         signal.signal(signal.SIGINT, previous)
 
 
 class Trainer:
-    """Runs ``loss_fn(train_model, images, labels) -> loss`` over ``dataset`` for ``config.epochs``.
+    """Runs ``loss_fn(train_model, images, labels) -> loss`` over ``dataset`` for ``loop.epochs``.
 
     Args:
         model: the unwrapped module (its ``state_dict`` is checkpointed).
         train_model: what ``loss_fn`` calls: ``model`` wrapped by DDP and/or ``torch.compile``.
         on_epoch_end: ``epoch -> {name: value}`` (evaluation, reconstructions), run on every rank.
         best_metric: ``(name, 'min' | 'max')`` over the epoch metrics (``train_loss`` is always there).
-        metadata: stored in the safetensors header (model name, kwargs, kind).
-        mask_generator: its state is checkpointed with the other RNG states.
+        metadata: stored in the safetensors header (see :mod:`greenmim.checkpoint`).
+        generators: the task's own RNGs by name (pre-training's mask generator), checkpointed with the others.
     """
 
-    def __init__(self, *, model, train_model, optimizer, scheduler, dataset, loss_fn: Callable, config: LoopConfig,
-                 info: DistInfo, output_dir, metadata: Dict[str, str], run_config: Dict[str, Any],
+    def __init__(self, *, model, train_model, optimizer, scheduler, dataset, loss_fn: Callable, loop: LoopConfig,
+                 process: DistributedProcess, output_dir, metadata: Dict[str, str], run_config: Dict[str, Any],
                  amp_dtype: Optional[torch.dtype] = None, on_epoch_end: Optional[Callable] = None,
-                 best_metric=('train_loss', 'min'), mask_generator: Optional[torch.Generator] = None):
+                 best_metric=('train_loss', 'min'), generators: Optional[Mapping[str, torch.Generator]] = None):
         self.model, self.train_model, self.optimizer, self.scheduler = model, train_model, optimizer, scheduler
-        self.dataset, self.loss_fn, self.cfg, self.info = dataset, loss_fn, config, info
+        self.dataset, self.loss_fn, self.loop, self.process = dataset, loss_fn, loop, process
         self.output_dir = Path(output_dir)
         self.metadata, self.run_config = metadata, run_config
         self.amp_dtype, self.on_epoch_end = amp_dtype, on_epoch_end
         self.best_name, self.best_mode = best_metric
-        self.mask_generator = mask_generator
+        self.generators = dict(generators or {})
         self.scaler = torch.amp.GradScaler('cuda', enabled=amp_dtype == torch.float16)
-        self.steps_per_epoch = steps_per_epoch(dataset, config, info)
+        self.steps_per_epoch = steps_per_epoch(dataset, loop, process)
         self.epoch, self.micro_in_epoch, self.step = 0, 0, 0
-        self.epoch_loss = [0.0, 0]  # sum of step losses and steps so far in this epoch
+        self.epoch_loss = EpochLoss()
         self.best: Optional[float] = None
         self.history: List[Dict[str, float]] = []
-        self.rng_after_step = capture_rng_state(mask_generator)
+        self.rng_after_step = capture_rng_state(self.generators)
+        self.summary: Optional[TrainSummary] = None  # of the current fit()
 
     @property
     def total_steps(self) -> int:
-        return self.cfg.epochs * self.steps_per_epoch
+        return self.loop.epochs * self.steps_per_epoch
 
-    # --- state ------------------------------------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
-        return {
-            'optimizer': self.optimizer.state_dict(),
-            'scheduler': self.scheduler.state_dict(),
-            'scaler': self.scaler.state_dict(),
-            'rng': all_gather_objects(self.rng_after_step, self.info),
-            'epoch_loss': list(self.epoch_loss),
-            'position': {'epoch': self.epoch, 'micro_batch': self.micro_in_epoch, 'step': self.step,
-                         'world_size': self.info.world_size, 'batch_size': self.cfg.batch_size,
-                         'accum_iter': self.cfg.accum_iter},
-            'best': self.best,
-            'history': self.history,
-            'config': json.dumps(self.run_config),
-        }
+    # --- the loop -------------------------------------------------------------------------------------------
+    def fit(self) -> TrainSummary:
+        """Train from the current position to ``epochs`` (or ``max_steps``, or a Ctrl-C); returns a
+        :class:`TrainSummary`."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.summary = TrainSummary(str(self.output_dir), self.step, self.epoch)
+        self._start_time = self._last_step_time = time.time()
+        self._bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.process.is_main, unit='step',
+                         dynamic_ncols=True, desc='train')
+        with _stop_on_sigint() as stop:
+            while self.epoch < self.loop.epochs:
+                if not self._train_epoch(stop):
+                    break
+                self._end_epoch()
+        return self._finish()
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (the model weights are loaded by the caller)."""
-        pos = state['position']
-        for key in ('world_size', 'batch_size', 'accum_iter'):
-            now = {'world_size': self.info.world_size, 'batch_size': self.cfg.batch_size,
-                   'accum_iter': self.cfg.accum_iter}[key]
-            if pos[key] != now:
-                raise ValueError(f'cannot resume exactly: the checkpoint ran with {key}={pos[key]}, this run has '
-                                 f'{key}={now}')
-        self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['scheduler'])
-        self.scaler.load_state_dict(state['scaler'])
-        self.epoch, self.micro_in_epoch, self.step = pos['epoch'], pos['micro_batch'], pos['step']
-        self.best, self.history, self.epoch_loss = state['best'], list(state['history']), list(state['epoch_loss'])
-        self.rng_after_step = state['rng'][self.info.rank]
-        restore_rng_state(self.rng_after_step, self.mask_generator)
+    def _train_epoch(self, stop: StopRequest) -> bool:
+        """The rest of the current epoch. ``False`` when the run stops inside it (Ctrl-C or ``max_steps``), after
+        saving a checkpoint."""
+        self.train_model.train()
+        micro_batches = self.steps_per_epoch * self.loop.accum_iter
+        totals = StepTotals()
+        for batch in self._loader():
+            if self.micro_in_epoch >= micro_batches:
+                break
+            self._micro_step(batch, totals, stop)
+            if self.micro_in_epoch % self.loop.accum_iter:
+                continue  # the optimizer step needs more micro-batches
+            self._optimizer_step(totals)
+            totals = StepTotals()
+            if stop.requested or (self.loop.max_steps and self.step >= self.loop.max_steps):
+                self.summary.interrupted = stop.requested
+                self.summary.last_checkpoint = self._save()
+                return False
+        return True
 
-    def _save(self, best: bool = False) -> Optional[str]:
-        state = self.state_dict()  # collective: every rank takes part
-        path = None
-        if self.info.is_main:
-            weights = {k: v for k, v in self.model.state_dict().items()}
-            path = str(save_checkpoint(self.output_dir / 'checkpoints', self.step, weights, self.metadata, state,
-                                       self.cfg.keep_last, best, {'epoch': self.epoch}))
-        if self.info.distributed:
-            torch.distributed.barrier()
-        return path
+    def _micro_step(self, batch: Batch, totals: StepTotals, stop: StopRequest) -> None:
+        """Forward and backward of one micro-batch, its loss added to ``totals``; a micro-batch that is empty on
+        any rank (every image unreadable) is skipped by all ranks."""
+        process, accum = self.process, self.loop.accum_iter
+        empty, skipped = batch.images is None, batch.skipped
+        if process.distributed:  # ranks must run the same collectives
+            agreed = all_reduce_sum(torch.tensor([float(empty), float(skipped)], device=process.device), process)
+            empty, skipped = agreed[0].item() > 0, int(agreed[1].item())
+        self.summary.images_skipped += skipped
+        if self.micro_in_epoch % accum == 0:
+            self.scheduler.step_update(self.step)
+        self.micro_in_epoch += 1
+        if empty:
+            return
+        images = batch.images.to(process.device, non_blocking=True)
+        labels = batch.labels.to(process.device, non_blocking=True)
+        last_of_step = self.micro_in_epoch % accum == 0
+        with nullcontext() if last_of_step or not process.distributed else self.train_model.no_sync():
+            with torch.autocast(process.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                loss = self.loss_fn(self.train_model, images, labels)
+            loss_value = self._rank_mean_loss(loss, stop)
+            self.scaler.scale(loss / accum).backward()
+        totals.loss += loss_value / accum
+        totals.images += images.shape[0]
 
-    # --- data ---------------------------------------------------------------------------------------------------
+    def _rank_mean_loss(self, loss: torch.Tensor, stop: StopRequest) -> float:
+        """The loss averaged over ranks, checked before any update; a Ctrl-C on any rank stops every rank."""
+        process = self.process
+        check = all_reduce_sum(
+            torch.stack([loss.detach().float(), torch.tensor(float(stop.requested), device=loss.device)]), process)
+        value = check[0].item() / process.world_size
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f'loss is {value} at step {self.step + 1} (epoch {self.epoch}): stopped before updating the weights. '
+                f'The last good checkpoint is untouched ({self.output_dir / "checkpoints" / "last.json"}); resume '
+                'from it with a lower learning rate, or check the data.')
+        stop.requested = stop.requested or check[1].item() > 0
+        return value
+
+    def _optimizer_step(self, totals: StepTotals) -> None:
+        """Clip, update the weights (through the gradient scaler), record the step (RNG states, loss, log)."""
+        if self.loop.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.loop.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.rng_after_step = capture_rng_state(self.generators)
+        self.epoch_loss.total += totals.loss
+        self.epoch_loss.steps += 1
+        self.summary.losses.append(totals.loss)
+        self._report_step(totals)
+
+    def _end_epoch(self) -> None:
+        """Epoch metrics (mean step loss, ``on_epoch_end``), the log, and the checkpoint when one is due."""
+        metrics = {'epoch': self.epoch, 'train_loss': self.epoch_loss.mean}  # step losses are rank means already
+        if self.on_epoch_end is not None:
+            metrics.update(self.on_epoch_end(self.epoch))
+        self.history.append(metrics)
+        self.summary.epoch_metrics.append(metrics)
+        self._log({'type': 'epoch', **metrics, 'images_skipped': self.summary.images_skipped})
+        if self.process.is_main:
+            self._bar.write(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
+                                     for k, v in metrics.items()))
+        self.epoch, self.micro_in_epoch, self.epoch_loss = self.epoch + 1, 0, EpochLoss()
+        if self.epoch % self.loop.save_every == 0 or self.epoch == self.loop.epochs:
+            is_best = self._is_better(metrics[self.best_name])  # best among the saved epochs
+            self.best = metrics[self.best_name] if is_best else self.best
+            self.summary.last_checkpoint = self._save(best=is_best)
+
+    def _finish(self) -> TrainSummary:
+        self._bar.close()
+        summary = self.summary
+        summary.steps, summary.epochs_completed = self.step, self.epoch
+        summary.wall_time_s = time.time() - self._start_time
+        best = self.output_dir / 'checkpoints' / 'best.json'
+        if best.exists():
+            summary.best_checkpoint = str(best.parent / json.loads(best.read_text())['checkpoint'])
+        return summary
+
+    # --- data, progress ---------------------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
-        start = self.micro_in_epoch * self.cfg.batch_size
+        """The current epoch's data from the current micro-batch on."""
+        start = self.micro_in_epoch * self.loop.batch_size
         self.dataset.set_epoch(self.epoch)
         if isinstance(self.dataset, IterableDataset):
             self.dataset.start = start
             sampler, workers = None, 0
         else:
-            sampler = ResumableSampler(self.dataset, self.info.world_size, self.info.rank, seed=self.cfg.seed)
+            sampler = ResumableSampler(self.dataset, self.process.world_size, self.process.rank, seed=self.loop.seed)
             sampler.set_epoch(self.epoch)
             sampler.start = start
-            workers = self.cfg.num_workers
-        return DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=workers,
-                          collate_fn=collate_images, drop_last=True, pin_memory=self.info.device.type == 'cuda',
+            workers = self.loop.num_workers
+        return DataLoader(self.dataset, batch_size=self.loop.batch_size, sampler=sampler, num_workers=workers,
+                          collate_fn=collate_images, drop_last=True, pin_memory=self.process.device.type == 'cuda',
                           generator=torch.Generator(), persistent_workers=False)
 
-    # --- loop ---------------------------------------------------------------------------------------------------
+    def _report_step(self, totals: StepTotals) -> None:
+        """Progress bar and (every ``log_every`` steps) the JSONL step record."""
+        now = time.time()
+        images_per_step = self.loop.batch_size * self.loop.accum_iter * self.process.world_size
+        speed = images_per_step / max(now - self._last_step_time, 1e-9)
+        self._last_step_time = now
+        lr = max(g['lr'] for g in self.optimizer.param_groups)
+        self._bar.set_postfix(epoch=self.epoch, loss=f'{totals.loss:.4f}', lr=f'{lr:.2e}', img_s=f'{speed:.1f}')
+        self._bar.update(1)
+        if self.step % self.loop.log_every == 0:
+            self._log({'type': 'step', 'step': self.step, 'epoch': self.epoch, 'loss': totals.loss, 'lr': lr,
+                       'img_per_s': speed, 'images': totals.images * self.process.world_size,
+                       'elapsed_s': now - self._start_time})
+
     def _log(self, record: Dict[str, Any]) -> None:
-        if self.info.is_main:
+        if self.process.is_main:
             with open(self.output_dir / 'log.jsonl', 'a') as f:
                 f.write(json.dumps(record) + '\n')
 
     def _is_better(self, value: float) -> bool:
         return self.best is None or (value < self.best if self.best_mode == 'min' else value > self.best)
 
-    def fit(self) -> TrainSummary:
-        """Train from the current position to ``epochs`` (or ``max_steps``); returns a :class:`TrainSummary`."""
-        cfg, info = self.cfg, self.info
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        summary = TrainSummary(str(self.output_dir), self.step, self.epoch)
-        micro_per_epoch = self.steps_per_epoch * cfg.accum_iter
-        images_per_step = cfg.batch_size * cfg.accum_iter * info.world_size
-        start_time = last_time = time.time()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not info.is_main, unit='step',
-                   dynamic_ncols=True, desc='train')
-        with _stop_on_sigint() as stop:
-            while self.epoch < cfg.epochs:
-                self.train_model.train()
-                step_loss, step_images = 0.0, 0
-                for batch in self._loader():
-                    batch: Batch
-                    if self.micro_in_epoch >= micro_per_epoch:
-                        break
-                    empty, skipped = batch.images is None, batch.skipped
-                    if info.distributed:  # ranks must run the same collectives: skip a batch empty on any rank
-                        agreed = all_reduce_sum(torch.tensor([float(empty), float(skipped)], device=info.device),
-                                                info).tolist()
-                        empty, skipped = agreed[0] > 0, int(agreed[1])
-                    summary.images_skipped += skipped
-                    last_micro = (self.micro_in_epoch + 1) % cfg.accum_iter == 0
-                    if self.micro_in_epoch % cfg.accum_iter == 0:
-                        self.scheduler.step_update(self.step)
-                    if not empty:
-                        images = batch.images.to(info.device, non_blocking=True)
-                        labels = batch.labels.to(info.device, non_blocking=True)
-                        sync = nullcontext() if last_micro or not info.distributed else self.train_model.no_sync()
-                        with sync:
-                            with torch.autocast(info.device.type, dtype=self.amp_dtype,
-                                                enabled=self.amp_dtype is not None):
-                                loss = self.loss_fn(self.train_model, images, labels)
-                            check = all_reduce_sum(torch.stack([loss.detach().float(),
-                                                                torch.tensor(float(stop['stop']), device=loss.device)]),
-                                                   info)
-                            loss_value = check[0].item() / info.world_size
-                            if not math.isfinite(loss_value):
-                                raise NonFiniteLossError(
-                                    f'loss is {loss_value} at step {self.step + 1} (epoch {self.epoch}): stopped '
-                                    'before updating the weights. The last good checkpoint is untouched '
-                                    f'({self.output_dir / "checkpoints" / "last.json"}); resume from it with a lower '
-                                    'learning rate, or check the data.')
-                            stop['stop'] = stop['stop'] or check[1].item() > 0
-                            self.scaler.scale(loss / cfg.accum_iter).backward()
-                        step_loss += loss_value / cfg.accum_iter
-                        step_images += images.shape[0]
-                    self.micro_in_epoch += 1
-                    if not last_micro:
-                        continue
-                    if cfg.clip_grad:
-                        self.scaler.unscale_(self.optimizer)
-                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.step += 1
-                    self.rng_after_step = capture_rng_state(self.mask_generator)
-                    now = time.time()
-                    speed = images_per_step / max(now - last_time, 1e-9)
-                    last_time = now
-                    lr = max(g['lr'] for g in self.optimizer.param_groups)
-                    summary.losses.append(step_loss)
-                    self.epoch_loss = [self.epoch_loss[0] + step_loss, self.epoch_loss[1] + 1]
-                    bar.set_postfix(epoch=self.epoch, loss=f'{step_loss:.4f}', lr=f'{lr:.2e}', img_s=f'{speed:.1f}')
-                    bar.update(1)
-                    if self.step % cfg.log_every == 0:
-                        self._log({'type': 'step', 'step': self.step, 'epoch': self.epoch, 'loss': step_loss,
-                                   'lr': lr, 'img_per_s': speed, 'images': step_images * info.world_size,
-                                   'elapsed_s': now - start_time})
-                    step_loss, step_images = 0.0, 0
-                    if stop['stop'] or (cfg.max_steps and self.step >= cfg.max_steps):
-                        summary.interrupted = bool(stop['stop'])
-                        summary.last_checkpoint = self._save()
-                        return self._finish(summary, bar, start_time)
-                metrics = {'epoch': self.epoch,
-                           'train_loss': self.epoch_loss[0] / max(self.epoch_loss[1], 1)}  # rank means already
-                if self.on_epoch_end is not None:
-                    metrics.update(self.on_epoch_end(self.epoch))
-                self.history.append(metrics)
-                summary.epoch_metrics.append(metrics)
-                self._log({'type': 'epoch', **metrics, 'images_skipped': summary.images_skipped})
-                if info.is_main:
-                    bar.write(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
-                                       for k, v in metrics.items()))
-                self.epoch, self.micro_in_epoch, self.epoch_loss = self.epoch + 1, 0, [0.0, 0]
-                if self.epoch % cfg.save_every == 0 or self.epoch == cfg.epochs:
-                    is_best = self._is_better(metrics[self.best_name])  # best among the saved epochs
-                    self.best = metrics[self.best_name] if is_best else self.best
-                    summary.last_checkpoint = self._save(best=is_best)
-        return self._finish(summary, bar, start_time)
+    # --- checkpoint state ------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """The training state (``training_state.pt``); gathers every rank's RNG states (a collective)."""
+        return {
+            'optimizer': self.optimizer.state_dict(),
+            'scheduler': self.scheduler.state_dict(),
+            'scaler': self.scaler.state_dict(),
+            'rng': all_gather_objects(self.rng_after_step, self.process),
+            'epoch_loss': [self.epoch_loss.total, self.epoch_loss.steps],
+            'position': {'epoch': self.epoch, 'micro_batch': self.micro_in_epoch, 'step': self.step,
+                         **self._run_shape()},
+            'best': self.best,
+            'history': self.history,
+            'config': json.dumps(self.run_config),
+        }
 
-    def _finish(self, summary: TrainSummary, bar, start_time: float) -> TrainSummary:
-        bar.close()
-        summary.steps, summary.epochs_completed = self.step, self.epoch
-        summary.wall_time_s = time.time() - start_time
-        best = self.output_dir / 'checkpoints' / 'best.json'
-        if best.exists():
-            summary.best_checkpoint = str(best.parent / json.loads(best.read_text())['checkpoint'])
-        return summary
+    def _run_shape(self) -> Dict[str, int]:
+        """What an exact resume needs unchanged."""
+        return {'world_size': self.process.world_size, 'batch_size': self.loop.batch_size,
+                'accum_iter': self.loop.accum_iter}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (the model weights are loaded by the caller)."""
+        position = state['position']
+        for key, now in self._run_shape().items():
+            if position[key] != now:
+                raise ValueError(f'cannot resume exactly: the checkpoint ran with {key}={position[key]}, this run '
+                                 f'has {key}={now}')
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scheduler.load_state_dict(state['scheduler'])
+        self.scaler.load_state_dict(state['scaler'])
+        self.epoch, self.micro_in_epoch, self.step = position['epoch'], position['micro_batch'], position['step']
+        self.best, self.history = state['best'], list(state['history'])
+        self.epoch_loss = EpochLoss(*state['epoch_loss'])
+        self.rng_after_step = state['rng'][self.process.rank]
+        restore_rng_state(self.rng_after_step, self.generators)
+
+    def _save(self, best: bool = False) -> Optional[str]:
+        """Checkpoint (rank 0 writes; every rank takes part); returns the folder on rank 0."""
+        state = self.state_dict()
+        path = None
+        if self.process.is_main:
+            path = str(save_checkpoint(self.output_dir / 'checkpoints', self.step, self.model.state_dict(),
+                                       self.metadata, state, self.loop.keep_last, best, {'epoch': self.epoch}))
+        if self.process.distributed:
+            torch.distributed.barrier()
+        return path

@@ -2,7 +2,7 @@
 
 Writes ``model.safetensors`` in timm's layout (for a MIM checkpoint: the encoder without the ``encoder.`` prefix
 and no head; for a fine-tuned classifier: the whole model) and, for MIM checkpoints, ``mim_decoder.safetensors`` with
-the decoder and mask token. Load the encoder with::
+the decoder and mask token (file names and metadata: :mod:`greenmim.checkpoint`). Load the encoder with::
 
     timm.create_model('green_swin_base.mim_in1k', pretrained=True,
                       pretrained_cfg_overlay=dict(file='export/model.safetensors'))
@@ -15,9 +15,11 @@ from typing import Dict, Optional
 import timm
 from safetensors.torch import save_file
 
-from greenmim.mim import DECODER_FILE, split_mim_state_dict
+from greenmim.checkpoint import (
+    DECODER_FILE, WEIGHTS_FILE, check_written_for, is_mim_state_dict, load_verified, read_checkpoint,
+    split_mim_state_dict, weights_metadata, wrapper_metadata)
 
-from .checkpoint import check_model_metadata, load_weights_into, read_weights, resolve_checkpoint
+from .run_checkpoints import resolve_checkpoint
 
 __all__ = ['export', 'add_arguments', 'run']
 
@@ -28,27 +30,28 @@ def export(checkpoint, output_dir, model: Optional[str] = None, verify: bool = T
     ``model`` is the architecture, read from the checkpoint's metadata when not given. With ``verify`` the written
     weights are loaded strictly into ``timm.create_model(model, **model_kwargs)``. Returns the written paths.
     """
-    weights, metadata = read_weights(checkpoint)
+    source = resolve_checkpoint(checkpoint)
+    weights, metadata = read_checkpoint(source)
     name = model or metadata.get('model')
     if not name:
         raise ValueError(f'checkpoint {str(checkpoint)!r} does not name its model: pass model')
-    check_model_metadata(metadata, name, checkpoint)
-    is_mim = any(k.startswith('encoder.') for k in weights)
+    check_written_for(metadata, name, checkpoint)
+    is_mim = is_mim_state_dict(weights)
     encoder, decoder = split_mim_state_dict(weights) if is_mim else (weights, {})
     model_kwargs = json.loads(metadata.get('model_kwargs', '{}'))
     if is_mim:
         model_kwargs['num_classes'] = 0
-    info = {'format': 'greenmim', 'kind': 'encoder' if is_mim else 'classifier', 'model': name,
-            'model_kwargs': json.dumps(model_kwargs), 'source': str(resolve_checkpoint(checkpoint))}
     if verify:
-        load_weights_into(timm.create_model(name, **model_kwargs), encoder, checkpoint, name)
+        load_verified(timm.create_model(name, **model_kwargs), encoder, name, source=checkpoint)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {'model': out / 'model.safetensors'}
-    save_file({k: v.contiguous() for k, v in encoder.items()}, str(paths['model']), info)
+    paths = {'model': out / WEIGHTS_FILE}
+    save_file({k: v.contiguous() for k, v in encoder.items()}, str(paths['model']),
+              weights_metadata('encoder' if is_mim else 'classifier', name, model_kwargs, source=str(source)))
     if decoder:
         paths['decoder'] = out / DECODER_FILE
-        save_file({k: v.contiguous() for k, v in decoder.items()}, str(paths['decoder']), dict(info, kind='decoder', **{k: metadata[k] for k in ('mim_class', 'mim_kwargs') if k in metadata}))
+        save_file({k: v.contiguous() for k, v in decoder.items()}, str(paths['decoder']),
+                  dict(weights_metadata('decoder', name, model_kwargs, source=str(source)), **wrapper_metadata(metadata)))
     return paths
 
 

@@ -1,20 +1,29 @@
 """The release manifest: which pretrained weights exist, where, from what, and how they were measured.
 
-``hub/manifest.json`` (or the file named by ``GREENMIM_HUB_MANIFEST``) lists one :class:`Release` per
-``model.tag``. It is the single source of truth for the registry: a tag gets a ``hf_hub_id`` in its timm
-pretrained cfg only when its release is ``published``, so ``pretrained=True`` on a tag without weights fails at
-once with timm's "No pretrained weights exist" instead of querying the Hub for a repository that does not exist.
+``greenmim/models/manifest.json`` (or the file named by ``GREENMIM_HUB_MANIFEST``) lists one :class:`Release` per
+``model.tag``. It is the one table of releases: the model families build their timm pretrained cfgs from it
+(:func:`pretrained_cfgs`), and the release tooling (:mod:`greenmim.hub`) reads and writes it. A tag gets a
+``hf_hub_id`` in its cfg only when its release is ``published``, so ``pretrained=True`` on a tag without weights
+fails at once with timm's "No pretrained weights exist" instead of querying the Hub for a repository that does not
+exist.
 """
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
-__all__ = ['Metric', 'Release', 'STATUSES', 'manifest_path', 'load_manifest', 'write_release']
+__all__ = ['Metric', 'Release', 'STATUSES', 'TAGS', 'is_mim_tag', 'manifest_path', 'load_manifest', 'write_release',
+           'pretrained_cfgs']
 
 STATUSES = ('published', 'not-published')
 MANIFEST_ENV = 'GREENMIM_HUB_MANIFEST'
+TAGS = ('mim_in1k_ft_in1k', 'mim_in1k')  # the pretrained tags of every green model; the first is the default
+
+
+def is_mim_tag(tag: str) -> bool:
+    """A MIM-pretrained encoder (headless, ships the decoder), not a fine-tuned (``_ft_``) classifier."""
+    return tag.startswith('mim_') and '_ft_' not in tag
 
 
 @dataclass(frozen=True)
@@ -66,8 +75,7 @@ class Release:
 
     @property
     def is_mim(self) -> bool:
-        """A MIM-pretrained encoder (headless, ships the decoder), not a fine-tuned (``_ft_``) classifier."""
-        return self.tag.startswith('mim_') and '_ft_' not in self.tag
+        return is_mim_tag(self.tag)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,3 +118,29 @@ def write_release(release: Release, path: Optional[Union[str, Path]] = None) -> 
     entries = [e for e in data['releases'] if f'{e["model"]}.{e["tag"]}' != release.name]
     data['releases'] = entries + [release.to_dict()]
     path.write_text(json.dumps(data, indent=2) + '\n')
+
+
+def _release_cfg(base_cfg: dict, release: Optional[Release]) -> dict:
+    """``base_cfg`` with the weights source of ``release``: the full hub id, set only for a published release,
+    the licence, and notes (an unpublished tag says so; the recipe step by step)."""
+    if release is None:
+        return dict(base_cfg)
+    status = () if release.published else (
+        f'NOT YET PUBLISHED: no weights at {release.hub_id} yet. {release.notes}'.strip(),)
+    return dict(base_cfg, hf_hub_id=release.hub_id if release.published else None, license=release.license,
+                notes=status + tuple(f'{step}: {how}' for step, how in release.recipe.items()))
+
+
+def pretrained_cfgs(models: Sequence[str], base_cfg: dict) -> Dict[str, dict]:
+    """timm pretrained cfgs of every ``model.tag`` of ``models`` (:data:`TAGS`), for ``generate_default_cfgs``.
+
+    ``base_cfg`` is the family's cfg (input size, mean/std, classifier name, ...); ``num_classes`` is 0 for MIM
+    tags, 1000 for the fine-tuned classifiers. The classifier is the default tag (``*``) whether or not weights are
+    published yet.
+    """
+    releases = load_manifest()
+    return {
+        f'{model}.{tag}{"*" if tag == TAGS[0] else ""}': _release_cfg(
+            dict(base_cfg, num_classes=0 if is_mim_tag(tag) else 1000), releases.get(f'{model}.{tag}'))
+        for model in models for tag in TAGS
+    }

@@ -1,0 +1,177 @@
+"""The checkpoint file format: one definition for training, export, the release tooling and the MIM wrappers.
+
+Files:
+
+- ``model.safetensors`` (:data:`WEIGHTS_FILE`) holds one of three state dicts: a **MIM** wrapper's
+  (:class:`~greenmim.GreenMIM` / :class:`~greenmim.SimMIM`: the encoder under ``encoder.``, the decoder and
+  ``mask_token`` beside it; :func:`is_mim_state_dict`), an **encoder** alone in timm's layout (no head), or a timm
+  **classifier**.
+- ``mim_decoder.safetensors`` (:data:`DECODER_FILE`) holds the rest of a MIM state dict (decoder, ``mask_token``),
+  beside an encoder's ``model.safetensors``: :func:`split_mim_state_dict` gives the two parts.
+
+Metadata (the safetensors header, strings; written by :func:`weights_metadata`):
+
+- ``format``: ``'greenmim'``, the writer;
+- ``kind``: ``'mim'``, ``'encoder'``, ``'decoder'`` or ``'classifier'``;
+- ``model``, ``model_kwargs``: the timm model name and the JSON kwargs that rebuild it; ``greenmim_version``;
+- ``mim_class``, ``mim_kwargs`` (``mim`` and ``decoder`` files): the wrapper and the JSON kwargs that rebuild it
+  around the encoder (:func:`wrapper_metadata`);
+- provenance where known: ``method`` (pre-training), ``source``, ``merge_order`` (conversion).
+
+Compatibility: ``greenmim convert`` used to write the target's class name (``GreenMIM``, ``SimMIM``,
+``GreenSwinTransformer``) into ``format``, with no ``kind`` or ``mim_class``; :func:`wrapper_metadata` still reads
+the wrapper from there. Nothing else depends on ``format`` or ``kind``: a MIM checkpoint is recognised by its keys.
+"""
+import argparse
+import hashlib
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+__all__ = [
+    'WEIGHTS_FILE', 'DECODER_FILE', 'FORMAT', 'KINDS', 'weights_metadata', 'wrapper_metadata', 'is_mim_state_dict',
+    'split_mim_state_dict', 'read_checkpoint', 'check_written_for', 'verify_state_dict', 'load_verified',
+    'sha256_file',
+]
+
+WEIGHTS_FILE = 'model.safetensors'
+DECODER_FILE = 'mim_decoder.safetensors'
+FORMAT = 'greenmim'
+KINDS = ('mim', 'encoder', 'decoder', 'classifier')
+WRAPPERS = ('GreenMIM', 'SimMIM')
+
+StateDict = Dict[str, torch.Tensor]
+_SHOWN = 8  # keys listed per kind of problem in an error message
+
+
+def weights_metadata(kind: str, model: str, model_kwargs: Mapping, wrapper: Optional[nn.Module] = None,
+                     **provenance: str) -> Dict[str, str]:
+    """The safetensors metadata of a ``kind`` file of ``model`` (see the module docstring); ``wrapper`` (the
+    GreenMIM / SimMIM module) adds ``mim_class`` and ``mim_kwargs``."""
+    from greenmim import __version__
+    if kind not in KINDS:
+        raise ValueError(f'checkpoint kind {kind!r} is not one of {KINDS}')
+    metadata = {'format': FORMAT, 'kind': kind, 'model': model, 'model_kwargs': json.dumps(dict(model_kwargs)),
+                'greenmim_version': __version__}
+    if wrapper is not None:
+        metadata.update(mim_class=type(wrapper).__name__, mim_kwargs=json.dumps(wrapper.wrapper_kwargs()))
+    return dict(metadata, **provenance)
+
+
+def wrapper_metadata(metadata: Mapping[str, str]) -> Dict[str, str]:
+    """``mim_class`` and ``mim_kwargs`` of a file's metadata (those present), reading ``mim_class`` from ``format``
+    in files converted by earlier versions."""
+    wrapper = {k: metadata[k] for k in ('mim_class', 'mim_kwargs') if k in metadata}
+    if 'mim_class' not in wrapper and metadata.get('format') in WRAPPERS:
+        wrapper['mim_class'] = metadata['format']
+    return wrapper
+
+
+def is_mim_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """A GreenMIM / SimMIM state dict: the encoder's keys are under ``encoder.``."""
+    return any(k.startswith('encoder.') for k in state_dict)
+
+
+def split_mim_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Tuple[StateDict, StateDict]:
+    """A MIM state dict -> ``(encoder, decoder)``: the encoder's keys without ``encoder.`` (timm's layout), and
+    every other key (decoder and mask token) unchanged."""
+    encoder = {k[len('encoder.'):]: v for k, v in state_dict.items() if k.startswith('encoder.')}
+    decoder = {k: v for k, v in state_dict.items() if not k.startswith('encoder.')}
+    return encoder, decoder
+
+
+def read_checkpoint(path: Union[str, Path]) -> Tuple[StateDict, Dict[str, str]]:
+    """``(state_dict, metadata)`` of a ``.safetensors`` file or a torch checkpoint (``{"model": ...}`` /
+    ``{"state_dict": ...}`` wrappers removed; no metadata), on the CPU.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is truncated, corrupt or holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'checkpoint {path} does not exist' + (' (it is a directory)' if path.is_dir() else ''))
+    size = path.stat().st_size
+    try:
+        if path.suffix == '.safetensors':
+            with safetensors.safe_open(path, 'pt') as f:
+                metadata = f.metadata() or {}
+            return safetensors.torch.load_file(path, device='cpu'), metadata
+        # training scripts (MAE, SimMIM, GreenMIM) save their argparse.Namespace next to the weights
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        raise ValueError(
+            f'checkpoint {path} holds Python objects other than tensors and plain containers '
+            f'({found.group(1) if found else "see the cause"}), which are not unpickled for safety. If you trust '
+            'the file, re-save its state dict alone: torch.save(torch.load(path, weights_only=False)["model"], '
+            'new_path)') from e
+    except Exception as e:  # safetensors and torch raise several types for the same kinds of damage
+        raise ValueError(
+            f'checkpoint {path} ({size} bytes) cannot be read: it is truncated, corrupt or not a '
+            f'{"safetensors" if path.suffix == ".safetensors" else "torch"} file ({type(e).__name__}: {e}). '
+            'Delete it and download or export it again.') from e
+    for wrapper in ('model', 'state_dict'):
+        if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(wrapper), Mapping):
+            checkpoint = checkpoint[wrapper]
+    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ValueError(f'checkpoint {path} holds no state dict (a mapping of names to tensors)')
+    return dict(checkpoint), {}
+
+
+def check_written_for(metadata: Mapping[str, str], model_name: str, source) -> None:
+    """Raise ``ValueError`` if the metadata names another architecture than ``model_name`` (tags ignored)."""
+    written_for = metadata.get('model')
+    if written_for and written_for.split('.')[0] != model_name.split('.')[0]:
+        raise ValueError(f'checkpoint {str(source)!r} was written for model {written_for!r}, not {model_name!r}: '
+                         f'pass --model {written_for} or another checkpoint')
+
+
+def verify_state_dict(state_dict: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], what: str,
+                      source=None, optional: Sequence[str] = ()) -> None:
+    """Raise ``ValueError`` unless ``state_dict`` has exactly the keys and shapes of ``reference`` (a model's
+    ``state_dict``); keys of ``reference`` starting with one of ``optional`` may be missing.
+
+    The message names the ``source`` file and ``what`` it was checked against (e.g. ``"green_swin_base
+    (GreenSwinTransformer)"``), counts the keys found and lists the first missing, unexpected and mismatched keys.
+    """
+    missing = [k for k in reference if k not in state_dict and not k.startswith(tuple(optional))]
+    unexpected = [k for k in state_dict if k not in reference]
+    mismatched = [
+        f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(reference[k].shape)}'
+        for k in reference if k in state_dict and state_dict[k].shape != reference[k].shape]
+    if not (missing or unexpected or mismatched):
+        return
+    problems = []
+    for label, items in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', mismatched)):
+        if items:
+            more = f' ... and {len(items) - _SHOWN} more' if len(items) > _SHOWN else ''
+            problems.append(f'{len(items)} {label}: ' + ', '.join(items[:_SHOWN]) + more)
+    found = sum(k in state_dict for k in reference)
+    name = f'checkpoint {str(source)!r}' if source is not None else 'checkpoint'
+    raise ValueError(f'{name} does not fit {what} ({found}/{len(reference)} keys found): ' + '; '.join(problems)
+                     + '. Was it written for another model or model size?')
+
+
+def load_verified(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, source=None,
+                  optional: Sequence[str] = ()) -> None:
+    """:func:`verify_state_dict` against ``model``, then load ``state_dict`` into it."""
+    verify_state_dict(state_dict, model.state_dict(), what, source, optional)
+    model.load_state_dict(state_dict, strict=False)
+
+
+def sha256_file(path: Union[str, Path]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,116 @@
+"""The set-up every training run shares (``pretrain`` and ``finetune`` call it): process group and seeds, then,
+around the task's model, data and loss: resume, optimizer, DDP and ``torch.compile``, the lr schedule, the
+:class:`~greenmim.train.engine.Trainer` and the run's ``config.json``.
+
+A run config is a ``PretrainConfig`` or ``FinetuneConfig``: a :class:`RunConfig` (how the run executes) plus what
+it trains. Besides the :class:`RunConfig` fields, the set-up reads ``model``, ``output_dir``, the optimisation
+fields (``lr``, ``blr``, ``weight_decay``, ``betas``, ``epochs``, ``warmup_epochs``, ``min_lr``) and those of
+:class:`~greenmim.train.engine.LoopConfig`, which both configs define with their own defaults.
+"""
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+
+from greenmim.checkpoint import check_written_for, load_verified, read_checkpoint
+
+from .config import amp_dtype, derived_seed
+from .distributed import DistributedProcess, init_distributed
+from .engine import LoopConfig, Trainer, steps_per_epoch
+from .optim import build_optimizer, build_scheduler, scaled_lr
+from .run_checkpoints import read_training_state, resolve_checkpoint
+
+__all__ = ['RunConfig', 'start_process', 'build_trainer']
+
+
+@dataclass
+class RunConfig:
+    """How a training run executes, the same for pre-training and fine-tuning (flags of both commands)."""
+    amp: str = 'auto'                    # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | none
+    compile: bool = False
+    device: str = 'auto'
+    seed: int = 0
+    resume: Optional[str] = None
+    max_steps: Optional[int] = None
+    keep_last: int = 2
+    log_every: int = 1
+
+
+def start_process(config: RunConfig) -> DistributedProcess:
+    """Join the process group (if any) and seed torch and numpy for this rank, from ``config.seed``."""
+    process = init_distributed(config.device)
+    torch.manual_seed(derived_seed(config.seed, process.rank, 0))
+    np.random.seed(derived_seed(config.seed, process.rank, 1) % 2 ** 32)
+    return process
+
+
+def _resume_weights(model: torch.nn.Module, config) -> None:
+    weights, metadata = read_checkpoint(resolve_checkpoint(config.resume))
+    check_written_for(metadata, config.model, config.resume)
+    load_verified(model, weights, config.model, source=config.resume)
+
+
+def _learning_rate(config, process: DistributedProcess, lr_batch: int) -> Tuple[float, int]:
+    """``(lr, effective batch)``: ``config.lr``, or ``config.blr`` scaled by the effective batch / ``lr_batch``."""
+    effective_batch = config.batch_size * config.accum_iter * process.world_size
+    lr = config.lr if config.lr is not None else scaled_lr(config.blr, effective_batch, lr_batch)
+    return lr, effective_batch
+
+
+def build_trainer(
+        config,
+        process: DistributedProcess,
+        model: torch.nn.Module,
+        dataset,
+        loss_fn: Callable,
+        *,
+        metadata: Dict[str, str],
+        description: str,
+        lr_batch: int,
+        layer_decay: Optional[float] = None,
+        on_epoch_end: Optional[Callable] = None,
+        best_metric=('train_loss', 'min'),
+        generators: Optional[Mapping[str, torch.Generator]] = None,
+) -> Trainer:
+    """A :class:`~greenmim.train.engine.Trainer` for ``model`` (built and on ``process.device``), ready to ``fit``.
+
+    With ``config.resume`` the weights (checked against ``config.model``), the optimizer, schedule and scaler
+    states, the data position and the RNG states are restored. Rank 0 writes ``config.json`` and prints
+    ``description`` with the run's shape (processes, effective batch, lr, steps).
+
+    Args:
+        loss_fn, on_epoch_end, best_metric, generators, metadata: as for the ``Trainer``.
+        lr_batch: the batch size ``config.blr`` is given for (256 for pre-training, 512 for fine-tuning).
+        layer_decay: layer-wise lr decay over the model's ``group_matcher`` (fine-tuning).
+    """
+    if config.resume:
+        _resume_weights(model, config)
+    lr, effective_batch = _learning_rate(config, process, lr_batch)
+    optimizer = build_optimizer(model, lr, config.weight_decay, tuple(config.betas), layer_decay=layer_decay)
+    train_model = model
+    if process.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[process.device.index] if process.device.type == 'cuda' else None)
+    if config.compile:
+        train_model = torch.compile(train_model)
+    loop = LoopConfig.of(config)
+    epoch_steps = steps_per_epoch(dataset, loop, process)
+    scheduler = build_scheduler(optimizer, config.epochs * epoch_steps, round(config.warmup_epochs * epoch_steps),
+                                config.min_lr)
+    trainer = Trainer(model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
+                      dataset=dataset, loss_fn=loss_fn, loop=loop, process=process, output_dir=config.output_dir,
+                      metadata=metadata, run_config=asdict(config), amp_dtype=amp_dtype(config.amp, process.device),
+                      on_epoch_end=on_epoch_end, best_metric=best_metric, generators=generators)
+    if config.resume:
+        trainer.load_state_dict(read_training_state(config.resume))
+    if process.is_main:
+        output_dir = Path(config.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / 'config.json').write_text(json.dumps(asdict(config), indent=1))
+        print(f'{description}, {process.world_size} process(es) on {process.device}, effective batch '
+              f'{effective_batch}, lr {lr:.3g}, {epoch_steps} steps/epoch x {config.epochs} epochs'
+              + (f', resuming at step {trainer.step}' if config.resume else ''), flush=True)
+    return trainer
