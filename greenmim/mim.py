@@ -4,7 +4,7 @@ Both take images ``[B, C, H, W]`` and return :class:`MIMOutput` with ``pred`` as
 (``L`` mask units of ``u x u`` pixels, raster order; pixel layout ``(row, col, channel)`` inside a unit).
 """
 import json
-from typing import Dict, NamedTuple, Optional, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import timm
 import torch
