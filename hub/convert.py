@@ -23,7 +23,6 @@ docs/hub.md for how to tell).
 """
 import argparse
 import json
-import math
 import re
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 from torch import nn
 
 from greenmim.checkpoint import (
-    is_mim_state_dict, read_checkpoint, split_mim_state_dict, verify_state_dict, weights_metadata)
+    check_not_resampled, is_mim_state_dict, read_checkpoint, split_mim_state_dict, verify_state_dict, weights_metadata)
 from greenmim.mim import GreenMIM, SimMIM
 from greenmim.models.family import family_of
 
@@ -101,23 +100,6 @@ def build_target(
     raise ValueError(f'kind {kind!r} is not one of {KINDS}')
 
 
-def _check_not_resized(encoder: Dict[str, torch.Tensor], model: nn.Module) -> None:
-    """timm's filter silently resamples patch embeddings and relative-position tables to another patch or window
-    size; a conversion must not (other shape differences are listed by the key-by-key check)."""
-    reference = model.state_dict()
-    for k, v in encoder.items():
-        if k not in reference or v.shape == reference[k].shape:
-            continue
-        if k == 'patch_embed.proj.weight' and v.shape[-2:] != reference[k].shape[-2:]:
-            raise ValueError(f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(reference[k].shape)}: the checkpoint '
-                             f'uses patch size {tuple(v.shape[-2:])}')
-        if k.endswith('relative_position_bias_table'):
-            window = (math.isqrt(v.shape[0]) + 1) // 2
-            raise ValueError(f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(reference[k].shape)}: the checkpoint '
-                             f'uses window_size={window} and {v.shape[1]} heads: pass them in --model-kwargs, e.g. '
-                             f'\'{{"window_size": {window}}}\'')
-
-
 def convert_state_dict(
         state_dict: Dict[str, torch.Tensor],
         model_name: str,
@@ -143,7 +125,7 @@ def convert_state_dict(
     family = family_of(encoder_model)
     if family is None:
         raise ValueError(f'{model_name} is not a green model: convert writes checkpoints of green_* models')
-    _check_not_resized(encoder, encoder_model)
+    check_not_resampled(encoder, encoder_model)
     encoder = family.original_to_timm(encoder, encoder_model)
     if merge_order == 'early':
         encoder = swap_merge_order(encoder)
