@@ -37,6 +37,7 @@ from greenmim.checkpoint import (
     check_not_resampled, is_mim_state_dict, read_checkpoint, split_mim_state_dict, verify_state_dict, weights_metadata)
 from greenmim.mim import GreenMIM, SimMIM
 from greenmim.models.family import family_of
+from greenmim.train.validation import check_model_name
 
 __all__ = ['KINDS', 'MERGE_ORDERS', 'detect_kind', 'swap_merge_order', 'build_target', 'convert_state_dict',
            'merge_order_losses', 'sample_images', 'add_arguments', 'run']
@@ -201,6 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_model_name(args.model)
     state_dict = read_checkpoint(args.checkpoint)[0]
     if args.check_merge_order:
         images = sample_images(timm.create_model(args.model, **args.model_kwargs), args.check_images)

@@ -25,6 +25,8 @@ from greenmim.checkpoint import (
     DECODER_FILE, WEIGHTS_FILE, is_mim_state_dict, read_checkpoint, sha256_file, split_mim_state_dict,
     verify_state_dict, weights_metadata)
 
+from greenmim.train.validation import check_model_name
+
 from .card import render_model_card
 from .convert import build_target, detect_kind
 from greenmim.models.manifest import Metric, Release, load_manifest, write_release
@@ -144,6 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_model_name(args.model)
     if not args.dry_run:
         _token()  # fail before building anything
     release = build_repo_folder(

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from greenmim.checkpoint import WEIGHTS_FILE, load_torch_file
 
 __all__ = ['STATE_FILE', 'CheckpointWriteError', 'capture_rng_state', 'restore_rng_state', 'save_checkpoint',
-           'resolve_checkpoint', 'read_training_state']
+           'resolve_checkpoint', 'training_state_file', 'read_training_state']
 
 STATE_FILE = 'training_state.pt'
 
@@ -194,9 +194,18 @@ def resolve_checkpoint(path) -> Path:
     raise FileNotFoundError(f'no {WEIGHTS_FILE} or last.json pointer in {str(path)!r}')
 
 
-def read_training_state(path) -> Dict[str, Any]:
-    """The training state stored beside the weights of the checkpoint at ``path`` (see :func:`resolve_checkpoint`)."""
-    file = resolve_checkpoint(path).with_name(STATE_FILE)
+def training_state_file(path) -> Path:
+    """The training state file beside the weights of the checkpoint at ``path`` (see :func:`resolve_checkpoint`);
+    ``FileNotFoundError`` if either is missing."""
+    weights = resolve_checkpoint(path)
+    if not weights.is_file():
+        raise FileNotFoundError(f'{str(weights)!r} not found: the checkpoint {str(path)!r} points at has no weights')
+    file = weights.with_name(STATE_FILE)
     if not file.is_file():
         raise FileNotFoundError(f'{str(file)!r} not found: the checkpoint has no training state to resume from')
-    return load_torch_file(file)
+    return file
+
+
+def read_training_state(path) -> Dict[str, Any]:
+    """The training state stored beside the weights of the checkpoint at ``path`` (see :func:`resolve_checkpoint`)."""
+    return load_torch_file(training_state_file(path))
