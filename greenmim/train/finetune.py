@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 from timm.data import Mixup
+from timm.data.mixup import mixup_target
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import accuracy
 from torch.utils.data import DataLoader, DistributedSampler
@@ -159,8 +160,14 @@ def _finetune(config: FinetuneConfig, process) -> TrainSummary:
     criterion = (SoftTargetCrossEntropy() if mixup else
                  LabelSmoothingCrossEntropy(config.smoothing) if config.smoothing > 0 else torch.nn.CrossEntropyLoss())
 
+    if mixup is not None and config.batch_size == 1 and process.is_main:
+        print('warning: --batch-size 1: Mixup/CutMix need two images per micro-batch, so no image is mixed (each '
+              'is trained on its label-smoothed target)', flush=True)
+
     def loss_fn(net, images, labels):
-        if mixup is not None:
+        if mixup is not None and images.shape[0] == 1:  # no pair to mix (batch size 1, or the others unreadable)
+            labels = mixup_target(labels, num_classes, smoothing=config.smoothing)
+        elif mixup is not None:
             even = images.shape[0] // 2 * 2  # Mixup pairs images: drop an odd one (after skipped images)
             images, labels = mixup(images[:even], labels[:even])
         return criterion(net(images), labels)
