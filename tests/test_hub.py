@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -357,3 +358,50 @@ def test_manifest_entries_are_validated_and_written(tmp_path):
     path.write_text(json.dumps({'releases': [release.to_dict(), release.to_dict()]}))
     with pytest.raises(ValueError, match='listed twice'):
         load_manifest(path)
+
+
+AUTHORS = {  # release -> (Google Drive id in the authors' README, model kwargs, reported top-1)
+    'green_swin_base.mim_in1k_authors': ('1vCt7QN3rNC7hmWlWYomqfhjUqN-PvR7a', {}, 83.8),
+    'green_swin_base.mim_in1k_authors_w14': ('1P1dAdcZtSEGWFQy5GeeJdfGTqesSAES9', {'window_size': 14}, None),
+    'green_swin_large.mim_in1k_authors_w14': ('1Tw1KeGviVWxbVt3h1TT7BxTX1aLeT-Nm', {'window_size': 14}, 85.1),
+}
+
+
+def _parse(module, argv):
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_authors_checkpoints_are_listed_with_the_command_that_releases_them():
+    from greenmim.hub import convert
+    releases = load_manifest()
+    for name, (drive_id, kwargs, top1) in AUTHORS.items():
+        release = releases[name]
+        assert (release.status, release.license, release.model_kwargs) == ('not-published', 'cc-by-nc-4.0', kwargs)
+        assert release.source_checkpoint == f'https://drive.google.com/file/d/{drive_id}/view?usp=sharing'
+        assert [m.value for m in release.metrics] == ([top1] if top1 else [])
+        assert all(m.reported_by.startswith('https://github.com/LayneH/GreenMIM/') for m in release.metrics)
+        assert set(release.recipe) == {'pre-training', 'conversion', 'fine-tuning'}
+        first, second = (shlex.split(part) for part in release.release_command.split(' && '))
+        assert first[:2] == ['greenmim', 'convert'] and second[:2] == ['greenmim', 'publish']
+        conv, pub = _parse(convert, first[2:]), _parse(publish, second[2:])
+        assert (str(conv.checkpoint), conv.model, conv.model_kwargs, conv.merge_order) == (
+            '$CKPT', release.model, kwargs, 'early')
+        assert (pub.checkpoint, pub.model, pub.tag, pub.source_checkpoint, str(pub.manifest)) == (
+            conv.output, release.model, release.tag, release.source_checkpoint, 'greenmim/models/manifest.json')
+        assert not pub.dry_run and pub.model_kwargs == {}  # publish takes the kwargs from this entry
+        with torch.device('meta'):
+            model = timm.create_model(name, **kwargs)  # registered in timm, headless
+        assert model.num_classes == 0 and model.pretrained_cfg['tag'] == release.tag
+        assert not model.pretrained_cfg.get('hf_hub_id') and model.pretrained_cfg['license'] == 'cc-by-nc-4.0'
+    with pytest.raises(ValueError, match='weights not published yet'):
+        load_pretrained('green_swin_base.mim_in1k_authors')
+
+
+def test_card_of_a_reported_number_says_where_it_was_reported():
+    from greenmim.hub.card import render_model_card
+    release = load_manifest()['green_swin_base.mim_in1k_authors']
+    card = ModelCard(render_model_card(release, timm.create_model('green_swin_tiny', **TINY)))
+    assert card.data.eval_results[0].source_url == release.metrics[0].reported_by
+    assert f'| imagenet-1k/validation | top1 | 83.8 | reported at <{release.metrics[0].reported_by}>' in card.text
