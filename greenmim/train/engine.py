@@ -80,6 +80,7 @@ class StepTotals:
     loss_sum: float = 0.0
     trained: int = 0
     images: int = 0
+    synced: bool = False  # DDP averaged the gradients (in the backward of the step's last micro-batch)
 
     @property
     def loss(self) -> Optional[float]:
@@ -237,6 +238,7 @@ class Trainer:
         totals.loss_sum += loss_value
         totals.trained += 1
         totals.images += images.shape[0]
+        totals.synced = last_of_step
 
     def _rank_mean_loss(self, loss: torch.Tensor, stop: StopRequest) -> float:
         """The loss averaged over ranks, checked before any update; a Ctrl-C on any rank stops every rank."""
@@ -257,6 +259,8 @@ class Trainer:
         whose micro-batches were all skipped counts as a step (the schedule and data position advance on every
         rank alike) but updates nothing and adds no loss."""
         if totals.trained:
+            if self.process.distributed and not totals.synced:
+                self._average_gradients()
             if self.loop.clip_grad:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.loop.clip_grad)
@@ -269,6 +273,14 @@ class Trainer:
         self.step += 1
         self.rng_after_step = capture_rng_state(self.generators)
         self._report_step(totals)
+
+    def _average_gradients(self) -> None:
+        """Average the gradients over ranks by hand: DDP does it in the backward of a step's last micro-batch, which
+        did not run when every rank skipped it."""
+        for p in self.model.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.process.world_size
 
     def _end_epoch(self) -> None:
         """Epoch metrics (mean loss of the trained steps, ``on_epoch_end``), the log, and the checkpoint when one is
