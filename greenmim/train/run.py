@@ -65,7 +65,7 @@ def run_session(config) -> Iterator[DistributedProcess]:
         if process.is_main:
             try:
                 held.enter_context(claim_run_folder(config.output_dir, config.resume, config.overwrite))
-            except ValueError as e:
+            except (ValueError, OSError) as e:  # raised on every rank below, so none waits for the others
                 refusal = e
         refused = all_reduce_sum(torch.tensor([float(refusal is not None)], device=process.device), process)
         if refused.item():
