@@ -17,13 +17,14 @@ def group_window_attention(
         qkv: torch.Tensor,
         index: torch.Tensor,
         segment: torch.Tensor,
-        position: torch.Tensor,
-        bias_table: torch.Tensor,
-        window_size: Tuple[int, int],
+        position: Optional[torch.Tensor],
+        bias_table: Optional[torch.Tensor],
+        window_size: Optional[Tuple[int, int]],
         scale: float,
         backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """Group window attention ``qkv [T, 3, H, D] -> [T, H, D]``; see :func:`group_window_attention_reference`."""
+    """Group window attention ``qkv [T, 3, H, D] -> [T, H, D]``; see :func:`group_window_attention_reference`
+    (``bias_table=None``: no relative position bias; ``position`` and ``window_size`` may then be None)."""
     if resolve_backend(qkv, backend) == 'triton':
         return group_window_attention_triton(qkv, index, segment, position, bias_table, window_size, scale)
     return group_window_attention_reference(qkv, index, segment, position, bias_table, window_size, scale)
