@@ -192,24 +192,64 @@ def _key(launch: Launch) -> tuple:
     return launch.kernel.fn.__name__, tuple(spec), tuple(sorted((k, str(v)) for k, v in launch.kwargs.items()))
 
 
+_OPTIONS = ('num_warps', 'num_stages', 'maxnreg')  # launch options besides the (upper-case) constexprs
+
+
 def report(entries: Dict[str, Entry], archs: Sequence[int], log=print) -> List[dict]:
-    """One row per (kernel launch, case, arch); identical compilations are measured once."""
+    """One row per (family, case, kernel launch, arch): ``family, case`` (its parameters), ``kernel, arch, config``
+    (the launch's constexprs and options) and ``usage`` (:func:`measure`); identical compilations are measured once."""
     rows, cache = [], {}
     for family, entry in entries.items():
         for params in entry.cases:
             with record_launches() as launches:
                 entry.case(**params)
+            case = {k: str(v) if isinstance(v, torch.dtype) else v for k, v in params.items()}
             for launch in launches:
-                constexprs = {k: v for k, v in launch.kwargs.items() if not isinstance(v, torch.Tensor)}
+                config = {k: v for k, v in launch.kwargs.items() if k.isupper() or k in _OPTIONS}
                 for arch in archs:
                     key = (_key(launch), arch)
                     if key not in cache:
                         cache[key] = measure(launch, arch)
-                        log(f'{family} {launch.kernel.fn.__name__} sm_{arch} {constexprs}: {cache[key]}')
-                    rows.append(dict(family=family, kernel=launch.kernel.fn.__name__, arch=f'sm_{arch}',
-                                     **{k: str(v) if isinstance(v, torch.dtype) else v for k, v in params.items()},
-                                     constexprs={k: str(v) for k, v in constexprs.items()}, **cache[key]))
+                        log(f'{family} {launch.kernel.fn.__name__} sm_{arch} {config}: {cache[key]}')
+                    rows.append(dict(family=family, case=case, kernel=launch.kernel.fn.__name__, arch=f'sm_{arch}',
+                                     config=config, usage=cache[key]))
     return rows
+
+
+def compact(rows: List[dict]) -> dict:
+    """``{'variants': [...], 'rows': [...]}``: each distinct compiled kernel (kernel, arch, config, usage) once, and
+    per row its family, case and variant index."""
+    variants, index, compact_rows = [], {}, []
+    for row in rows:
+        variant = {k: row[k] for k in ('kernel', 'arch', 'config', 'usage')}
+        key = repr(variant)
+        if key not in index:
+            index[key] = len(variants)
+            variants.append(variant)
+        compact_rows.append(dict(family=row['family'], case=row['case'], variant=index[key]))
+    return dict(variants=variants, rows=compact_rows)
+
+
+def summary(rows: List[dict]) -> str:
+    """Markdown table: per (family, kernel, dtype, head_dim, group size) and arch, the worst case over the other
+    case parameters (bias, deterministic mode): most registers, most spill-store bytes, fewest warps per SM."""
+    cells: Dict[tuple, Dict[str, tuple]] = {}
+    for row in rows:
+        key = (row['family'], row['kernel'].strip('_'),
+               *(row['case'][k] for k in ('dtype', 'head_dim', 'group_size') if k in row['case']))
+        usage = row['usage']
+        worst = cells.setdefault(key, {}).get(row['arch'], (0, 0, SM_LIMITS[90]['warps']))
+        cells[key][row['arch']] = (max(worst[0], usage['registers']),
+                                   max(worst[1], usage['spill_store_bytes']),
+                                   min(worst[2], usage['warps_per_sm']))
+    archs = sorted({arch for per_arch in cells.values() for arch in per_arch})
+    lines = ['| family | kernel | dtype, head_dim, S | ' + ' | '.join(
+        f'{arch}: regs / spill stores (B) / warps per SM' for arch in archs) + ' |', '|' + ' --- |' * (3 + len(archs))]
+    for key, per_arch in cells.items():
+        params = ', '.join(str(v).replace('torch.', '') for v in key[2:])
+        lines.append(f'| {key[0]} | {key[1]} | {params} | ' + ' | '.join(
+            '{} / {} / {}'.format(*per_arch[a]) if a in per_arch else '' for a in archs) + ' |')
+    return '\n'.join(lines)
 
 
 def main(argv=None):
@@ -219,7 +259,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from common import write_result
     rows = report(REGISTRY, args.arch)
-    write_result(args.out, dict(kind='compile_report', sm_limits=SM_LIMITS, rows=rows))
+    write_result(args.out, dict(kind='compile_report', sm_limits=SM_LIMITS, **compact(rows)))
+    print(summary(rows))
     print('wrote', args.out)
 
 

@@ -308,12 +308,15 @@ if INTERPRETED and isinstance(tl.max, triton.runtime.JITFunction):
 def launch_config(dtype: torch.dtype, head_dim: int, group_size: int) -> Dict[str, dict]:
     """Launch parameters of each kernel (``forward``, ``backward_kv``, ``backward_q``) for groups of ``group_size``
     slots of ``head_dim``-wide heads in ``dtype``: tile rows ``BLOCK``, the other side ``CHUNK`` of the score tile,
-    warps, dot precision. Chosen with ``benchmarks/compile_report.py`` so that no kernel spills at sm_80/sm_90.
+    warps, register budget, dot precision. Chosen with ``benchmarks/compile_report.py`` so that no kernel spills at
+    sm_80/sm_90 (see docs/kernels.md).
 
-    bf16/fp16 dots run on tensor cores: every dot's rows span ``BLOCK`` with one 16-row MMA slice per warp (more
-    warps would hold replicated rows), and small ``CHUNK``s keep the score tile, the bias gather (a 64-bit address
-    per pair) and the bias-gradient scatter few registers per thread. fp32 dots run in IEEE fp32 on FMA units, which
-    take 8 rows per warp; the backward's tiles stop at 32 rows there.
+    Every dot's rows span ``BLOCK`` (queries in the forward and dq kernels, keys in the dk/dv kernel), and small
+    ``CHUNK``s of the other side keep the score tile, the bias gather (a 64-bit address per pair) and the
+    bias-gradient scatter few registers per thread. bf16/fp16 dots run on tensor cores, one warp per 8 rows. fp32
+    dots run in IEEE fp32 on FMA units: one warp per 4 rows (at most 8) under a 128-register budget (16 warps per
+    SM; left to itself ptxas trades a few bytes of spills for occupancy there), and the backward's tiles stop at 32
+    rows.
     """
     block = min(MAX_BLOCK, max(16, triton.next_power_of_2(group_size)))
     common = dict(
@@ -322,15 +325,19 @@ def launch_config(dtype: torch.dtype, head_dim: int, group_size: int) -> Dict[st
         UPCAST=INTERPRETED and dtype == torch.bfloat16,
         num_stages=1,  # deeper pipelines prefetch the next chunk's bias gather: registers, no gain at these sizes
     )
-
-    def config(rows, chunk, rows_per_warp):
-        return dict(common, BLOCK=rows, CHUNK=min(rows, chunk), num_warps=rows // rows_per_warp)
-
     if dtype == torch.float32:
-        backward = config(min(block, 32), 16, 8)
-        return dict(forward=config(block, 16, 8), backward_kv=backward, backward_q=backward)
-    backward = config(block, 16, 16)
-    return dict(forward=config(block, 32 if head_dim <= 32 else 16, 16), backward_kv=backward, backward_q=backward)
+        rows = (block, min(block, 32))  # (forward, backward)
+        chunks = (16, 16)
+        warps = tuple(min(8, r // 4) for r in rows)
+        budget = dict(maxnreg=128)
+    else:
+        rows = (block, block)
+        chunks = (32 if head_dim <= 32 else 16, 16)
+        warps = tuple(r // 8 for r in rows)
+        budget = {}
+    forward, backward = (dict(common, BLOCK=r, CHUNK=min(r, c), num_warps=w, **budget)
+                         for r, c, w in zip(rows, chunks, warps))
+    return dict(forward=forward, backward_kv=backward, backward_q=backward)
 
 
 def _bias_args(bias_table: Optional[torch.Tensor], window_size: Optional[Tuple[int, int]]) -> dict:

@@ -264,7 +264,7 @@ cases = [  # every kernel variant: one-tile, several-tile and 16-slot groups, ea
     dict(dtype=torch.bfloat16, head_dim=32, group_size=12),
 ]
 rows = cr.report(dict(group_attention=cr.Entry(cr.group_attention_case, cases)), [80, 90], log=lambda *a: None)
-print(json.dumps(dict(rows=rows)))
+print(json.dumps(dict(rows=rows), default=str))
 """
 
 
@@ -283,7 +283,7 @@ def test_kernels_compile_without_spills():
     assert {kernel for kernel, _ in kernels} == {
         '_group_attention_fwd_kernel', '_group_attention_bwd_kv_kernel', '_group_attention_bwd_q_kernel'}
     assert {arch for _, arch in kernels} == {'sm_80', 'sm_90'}
-    spilled = [row for row in result['rows'] if row['spill_store_bytes'] or row['spill_load_bytes']]
+    spilled = [row for row in result['rows'] if row['usage']['spill_store_bytes'] or row['usage']['spill_load_bytes']]
     assert not spilled, json.dumps(spilled, indent=1)
 
 
