@@ -159,6 +159,17 @@ def group_attention_case(dtype: torch.dtype, head_dim: int, group_size: int, has
                                 (window, window), 0.2, deterministic)
 
 
+def sparse_conv_case(dtype: torch.dtype, channels: int, kernel_size: int = 3, has_bias: bool = True,
+                     tokens: int = 4096) -> None:
+    """Forward and backward launches of the sparse depthwise convolution on ``tokens`` rows of ``channels``."""
+    from greenmim.kernels import sparse_conv as sc
+    x = torch.zeros(tokens, channels, dtype=dtype)
+    neighbours = torch.zeros(tokens, kernel_size * kernel_size, dtype=torch.int32)
+    weight = torch.zeros(channels, 1, kernel_size, kernel_size, dtype=dtype)
+    y = sc.sparse_conv_forward(x, neighbours, weight, torch.zeros(channels, dtype=dtype) if has_bias else None)
+    sc.sparse_conv_backward(torch.zeros_like(y), x, neighbours, weight)
+
+
 @dataclass(frozen=True)
 class Entry:
     """A kernel family to report: the case function and the keyword arguments of each case."""
@@ -176,6 +187,10 @@ REGISTRY = {
         dtype=(torch.float32, torch.bfloat16, torch.float16), head_dim=(32, 64),
         group_size=(12, 16, 32, 49, 64, 100, 196), has_bias=(True, False), deterministic=(False, True))
         if case['has_bias'] or not case['deterministic']]),  # the deterministic mode only changes the bias gradient
+    # Twins' PosConv (3x3) at every channel width of the zoo (small/base/large: 64..1024)
+    'sparse_conv': Entry(sparse_conv_case, grid(
+        dtype=(torch.float32, torch.bfloat16, torch.float16), channels=(64, 96, 128, 192, 256, 384, 512, 768, 1024),
+        has_bias=(True, False))),
 }
 
 
@@ -230,20 +245,24 @@ def compact(rows: List[dict]) -> dict:
     return dict(variants=variants, rows=compact_rows)
 
 
+_WORST_OVER = ('has_bias', 'deterministic')  # case parameters the summary takes the worst case over
+
+
 def summary(rows: List[dict]) -> str:
-    """Markdown table: per (family, kernel, dtype, head_dim, group size) and arch, the worst case over the other
-    case parameters (bias, deterministic mode): most registers, most spill-store bytes, fewest warps per SM."""
+    """Markdown table: per (family, kernel, case shape: dtype, head_dim, group size or channels) and arch, the worst
+    case over the other case parameters (bias, deterministic mode): most registers, most spill-store bytes, fewest
+    warps per SM."""
     cells: Dict[tuple, Dict[str, tuple]] = {}
     for row in rows:
         key = (row['family'], row['kernel'].strip('_'),
-               *(row['case'][k] for k in ('dtype', 'head_dim', 'group_size') if k in row['case']))
+               *(f'{k} {v}' for k, v in row['case'].items() if k not in _WORST_OVER))
         usage = row['usage']
         worst = cells.setdefault(key, {}).get(row['arch'], (0, 0, SM_LIMITS[90]['warps']))
         cells[key][row['arch']] = (max(worst[0], usage['registers']),
                                    max(worst[1], usage['spill_store_bytes']),
                                    min(worst[2], usage['warps_per_sm']))
     archs = sorted({arch for per_arch in cells.values() for arch in per_arch})
-    lines = ['| family | kernel | dtype, head_dim, S | ' + ' | '.join(
+    lines = ['| family | kernel | case | ' + ' | '.join(
         f'{arch}: regs / spill stores (B) / warps per SM' for arch in archs) + ' |', '|' + ' --- |' * (3 + len(archs))]
     for key, per_arch in cells.items():
         params = ', '.join(str(v).replace('torch.', '') for v in key[2:])
