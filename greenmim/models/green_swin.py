@@ -136,7 +136,7 @@ def _describe(model: GreenSwinTransformer) -> str:
 SWIN = register_family(ModelFamily(
     name='Swin Transformer', hub_tag='swin-transformer', model_class=GreenSwinTransformer,
     models=tuple(f'green_swin_{size}' for size in ('tiny', 'small', 'base', 'large')),
-    original_to_timm=checkpoint_filter_fn, describe=_describe))
+    original_to_timm=checkpoint_filter_fn, describe=_describe, features_shape='[1, H/32, W/32, C]'))
 
 default_cfgs = generate_default_cfgs(pretrained_cfgs(SWIN.models, _cfg()))
 
