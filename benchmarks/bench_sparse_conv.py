@@ -93,7 +93,7 @@ def main(argv=None):
     args.batch_size = args.batch_size or (128 if device == 'cuda' else 8)
     dtype = DTYPES[args.dtype]
     mask = random_mask((7, 7), args.mask_ratio, torch.Generator().manual_seed(0))
-    specs = [StageSpec(grid_size=(g, g), channels=c) for g, c in stages]
+    specs = [StageSpec(grid_size=(g, g), channels=c, windows=(), merges_previous_stage=False) for g, c in stages]
     rows = []
     for stage, (_, channels) in zip(build_visible_layout(mask, specs, args.batch_size, device), stages):
         rows.append(dict(stage=len(rows) + 1, **bench_stage(stage, channels, args, device, dtype)))

@@ -31,7 +31,7 @@ TWINS_L = ((56, 128), (28, 256), (14, 512), (7, 1024))  # (grid, channels) of th
 def _token_index(grid, unit, ratio, seed=0, device='cpu'):
     """``StageLayout.token_index`` of a ``grid`` stage under a random mask of ``unit x unit``-token units."""
     mask = random_mask((grid[0] // unit, grid[1] // unit), ratio, torch.Generator().manual_seed(seed))
-    spec = StageSpec(grid_size=grid, channels=8)
+    spec = StageSpec(grid_size=grid, channels=8, windows=(), merges_previous_stage=False)
     return build_visible_layout(mask, [spec], 1, device)[0].token_index
 
 
@@ -350,7 +350,7 @@ def test_benchmark_smoke(tmp_path):
 # ---------------------------------------------------------------------------------------------------------- GPU
 def _twins_l_maps(batch):
     mask = random_mask((7, 7), 0.75, torch.Generator().manual_seed(0))
-    specs = [StageSpec(grid_size=(g, g), channels=c) for g, c in TWINS_L]
+    specs = [StageSpec(grid_size=(g, g), channels=c, windows=(), merges_previous_stage=False) for g, c in TWINS_L]
     stages = build_visible_layout(mask, specs, batch, 'cuda')
     return [(neighbour_map(s.token_index, s.grid_size, (3, 3), batch), c) for s, (_, c) in zip(stages, TWINS_L)]
 
