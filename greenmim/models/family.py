@@ -1,7 +1,7 @@
 """What the training and release code need to know about a family of green models, one record per family.
 
-A family module (``green_swin.py``, ``green_twins.py``) registers its :class:`ModelFamily`; :mod:`greenmim.hub` (model cards, loading,
-conversion) looks it up with :func:`family_of` instead of assuming one architecture.
+A family module (``green_swin.py``, ``green_twins.py``) registers its :class:`ModelFamily`; :mod:`greenmim.hub`
+(model cards, loading, conversion) looks it up with :func:`family_of` instead of assuming one architecture.
 """
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple

@@ -5,7 +5,7 @@ inference are plain timm. :meth:`GreenSwinTransformer.forward_visible` runs the 
 batch-wise mask of 32x32-pixel units only: patch embedding of visible 4x4 patches, group window attention over
 packed windows (see :mod:`greenmim.grouping`), and patch merging of all-visible 2x2 neighbourhoods.
 """
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -60,26 +60,9 @@ class GreenSwinTransformer(VisibleEncoderMixin, SwinTransformer):
         x = x + block.drop_path1(self._attention_visible(block.attn, block.norm1(x), attn_layout))
         return x + block.drop_path2(block.mlp(block.norm2(x)))
 
-    def forward_visible(
-            self,
-            x: torch.Tensor,
-            mask: torch.Tensor,
-            layout: Optional[Sequence[StageLayout]] = None,
-    ) -> List[torch.Tensor]:
-        """Encode the visible tokens only.
-
-        Args:
-            x: images ``[B, C, H, W]``, ``H, W`` the model's image size (multiples of :attr:`mask_unit_size`).
-            mask: bool ``[H / 32, W / 32]``, True = visible, shared by the batch.
-            layout: :meth:`visible_layout` of ``mask`` for this batch size, if already computed (required under
-                ``torch.compile``, which then traces the whole encoder without graph breaks).
-
-        Returns:
-            One tensor per stage, ``[B, N_s, C_s]``: the visible tokens in raster order (stage outputs, before the
-            final norm), equal to the dense forward at those positions when window attention also masks out the
-            keys of masked tokens.
-        """
-        layout = self.resolve_layout(x, mask, layout)
+    def _encode_visible(self, x: torch.Tensor, layout: Sequence[StageLayout]) -> List[torch.Tensor]:
+        """Encode the visible tokens only (:meth:`VisibleEncoderMixin.forward_visible`): per-stage ``[B, N_s, C_s]``,
+        timm's dense forward at those tokens when window attention also masks the keys of masked tokens."""
         outputs = []
         for stage, stage_layout in zip(self.layers, layout):
             if stage_layout.merge_index is None:
@@ -122,8 +105,7 @@ def _cfg(**kwargs):
         'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embed.proj', 'classifier': 'head.fc',
-        'license': 'apache-2.0', 'paper_ids': 'arXiv:2205.13515',
-        'paper_name': 'Green Hierarchical Vision Transformer for Masked Image Modeling', **kwargs,
+        **kwargs,
     }
 
 

@@ -13,7 +13,7 @@ plain timm. With 32x32-pixel mask units every strided convolution of Twins lines
 - the position encoding generator (``PosConv``, depthwise 3x3 after the first block of a stage) with its residual:
   a submanifold convolution (:func:`greenmim.kernels.sparse_depthwise_conv`), masked neighbours contributing zero.
 """
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,26 +97,10 @@ class GreenTwins(VisibleEncoderMixin, Twins):
         tokens = x.flatten(0, 1)
         return (sparse_depthwise_conv(tokens, layout.neighbours, conv.weight, conv.bias) + tokens).view_as(x)
 
-    def forward_visible(
-            self,
-            x: torch.Tensor,
-            mask: torch.Tensor,
-            layout: Optional[Sequence[StageLayout]] = None,
-    ) -> List[torch.Tensor]:
-        """Encode the visible tokens only.
-
-        Args:
-            x: images ``[B, C, H, W]``, ``H, W`` the model's image size (multiples of :attr:`mask_unit_size`).
-            mask: bool ``[H / 32, W / 32]``, True = visible, shared by the batch.
-            layout: :meth:`visible_layout` of ``mask`` for this batch size, if already computed (required under
-                ``torch.compile``, which then traces the whole encoder without graph breaks).
-
-        Returns:
-            One tensor per stage, ``[B, N_s, C_s]``: the visible tokens in raster order (stage outputs, before the
-            final norm), equal to the dense forward at those positions when masked tokens are zeroed before each
-            position encoding and excluded from the keys of every attention.
-        """
-        layout = self.resolve_layout(x, mask, layout)
+    def _encode_visible(self, x: torch.Tensor, layout: Sequence[StageLayout]) -> List[torch.Tensor]:
+        """Encode the visible tokens only (:meth:`VisibleEncoderMixin.forward_visible`): per-stage ``[B, N_s, C_s]``,
+        timm's dense forward at those tokens when masked tokens are zeroed before each position encoding and kept
+        out of the keys of every attention."""
         outputs = []
         for embed, drop, blocks, pos_block, stage_layout in zip(
                 self.patch_embeds, self.pos_drops, self.blocks, self.pos_block, layout):
@@ -174,8 +158,7 @@ def _cfg(**kwargs):
         'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embeds.0.proj', 'classifier': 'head',
-        'license': 'apache-2.0', 'paper_ids': 'arXiv:2205.13515',
-        'paper_name': 'Green Hierarchical Vision Transformer for Masked Image Modeling', **kwargs,
+        **kwargs,
     }
 
 

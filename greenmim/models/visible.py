@@ -2,8 +2,9 @@
 (built once per step by :func:`greenmim.grouping.build_visible_layout`), and the patch embedding of visible patches.
 
 A family subclasses its timm model and :class:`VisibleEncoderMixin`, and says what its stages are
-(:meth:`~VisibleEncoderMixin.stage_specs`) and which module embeds the pixels
-(:meth:`~VisibleEncoderMixin.first_patch_embed`).
+(:meth:`~VisibleEncoderMixin.stage_specs`), which module embeds the pixels
+(:meth:`~VisibleEncoderMixin.first_patch_embed`) and how its encoder runs on visible tokens
+(:meth:`~VisibleEncoderMixin._encode_visible`).
 """
 from typing import List, Optional, Sequence, Tuple
 
@@ -46,6 +47,31 @@ class VisibleEncoderMixin:
     def mask_unit_size(self) -> int:
         """Side in pixels of a mask unit: the encoder's total stride (32 for Swin and Twins)."""
         return self.first_patch_embed().img_size[0] // self.mask_grid_size[0]
+
+    def forward_visible(
+            self,
+            x: torch.Tensor,
+            mask: torch.Tensor,
+            layout: Optional[Sequence[StageLayout]] = None,
+    ) -> List[torch.Tensor]:
+        """Encode the visible tokens only.
+
+        Args:
+            x: images ``[B, C, H, W]``, ``H, W`` the model's image size (multiples of :attr:`mask_unit_size`).
+            mask: bool ``[H / 32, W / 32]``, True = visible, shared by the batch.
+            layout: :meth:`visible_layout` of ``mask`` for this batch size, if already computed (required under
+                ``torch.compile``, which then traces the whole encoder without graph breaks).
+
+        Returns:
+            One tensor per stage, ``[B, N_s, C_s]``: the visible tokens in raster order (stage outputs, before the
+            final norm), equal to the family's dense forward at those positions when masked tokens are kept out of
+            the keys of every attention (and zeroed before a convolution over tokens).
+        """
+        return self._encode_visible(x, self._resolve_layout(x, mask, layout))
+
+    def _encode_visible(self, x: torch.Tensor, layout: Sequence[StageLayout]) -> List[torch.Tensor]:
+        """The family's encoder on the visible tokens of images ``x`` laid out by ``layout`` (checked)."""
+        raise NotImplementedError
 
     def check_images(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``x`` is a float ``[B, C, H, W]`` batch of this model's size and channels."""
@@ -99,7 +125,7 @@ class VisibleEncoderMixin:
             raise ValueError('layout was built for another mask: pass the mask it was built from '
                              '(or layout=None to build it)')
 
-    def resolve_layout(
+    def _resolve_layout(
             self,
             x: torch.Tensor,
             mask: torch.Tensor,
