@@ -18,6 +18,18 @@ from timm.models.twins import LocallyGroupedAttn
 KEY_MASK = -1e9
 
 
+def rel_err(a, b):
+    """``|a - b| / |b|`` (Frobenius norms)."""
+    return ((a - b).norm() / b.norm()).item()
+
+
+def assert_stages_close(ours, dense, tol=1e-5):
+    """Per-stage outputs ``[B, N_s, C_s]`` of the same shapes, each within relative error ``tol`` of ``dense``."""
+    assert [t.shape for t in ours] == [t.shape for t in dense]
+    for o, d in zip(ours, dense):
+        assert rel_err(o, d) < tol
+
+
 def _dense_block(block, x, visible):
     b, h, w, c = x.shape
     (sh, sw), (wh, ww) = block.shift_size, block.window_size

@@ -7,7 +7,7 @@ import timm
 import torch
 
 from greenmim.masking import random_mask
-from dense_reference import dense_key_masked_stages
+from dense_reference import assert_stages_close, dense_key_masked_stages, rel_err
 
 
 def _model(name, **kwargs):
@@ -18,10 +18,6 @@ def _model(name, **kwargs):
             if n.endswith('relative_position_bias_table'):
                 p.normal_()
     return model
-
-
-def _rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize('name,kwargs,ratio', [
@@ -37,11 +33,7 @@ def test_forward_visible_matches_dense_key_masked(name, kwargs, ratio):
     for _ in range(2):
         mask = random_mask((7, 7), ratio, gen)
         with torch.no_grad():
-            ours = model.forward_visible(x, mask)
-            dense = dense_key_masked_stages(model, x, mask)
-        assert [t.shape for t in ours] == [t.shape for t in dense]
-        for o, d in zip(ours, dense):
-            assert _rel_err(o, d) < 1e-5
+            assert_stages_close(model.forward_visible(x, mask), dense_key_masked_stages(model, x, mask))
 
 
 def test_dense_check_fails_for_attention_that_ignores_the_shift():
@@ -58,8 +50,8 @@ def test_dense_check_fails_for_attention_that_ignores_the_shift():
         dense = dense_key_masked_stages(model, x, mask)
         right = model.forward_visible(x, mask, layout)
         wrong = model.forward_visible(x, mask, unshifted)
-    assert _rel_err(right[0], dense[0]) < 1e-5
-    assert _rel_err(wrong[0], dense[0]) > 1e-3
+    assert rel_err(right[0], dense[0]) < 1e-5
+    assert rel_err(wrong[0], dense[0]) > 1e-3
 
 
 def test_forward_visible_gradients_match_dense():
@@ -72,7 +64,7 @@ def test_forward_visible_gradients_match_dense():
     dense_key_masked_stages(model, x, mask)[-1].square().sum().backward()
     for n, p in model.named_parameters():
         if n in ours:
-            assert _rel_err(ours[n], p.grad) < 1e-4, n
+            assert rel_err(ours[n], p.grad) < 1e-4, n
 
 
 def test_other_image_size_via_kwargs():
@@ -80,5 +72,4 @@ def test_other_image_size_via_kwargs():
     mask = random_mask((14, 14), 0.75, torch.Generator().manual_seed(0))
     x = torch.randn(1, 3, 448, 448)
     with torch.no_grad():
-        for o, d in zip(model.forward_visible(x, mask), dense_key_masked_stages(model, x, mask)):
-            assert _rel_err(o, d) < 1e-5
+        assert_stages_close(model.forward_visible(x, mask), dense_key_masked_stages(model, x, mask))

@@ -9,7 +9,7 @@ import torch
 
 from greenmim.masking import random_mask
 from greenmim.models import GreenTwins
-from dense_reference import dense_twins_key_masked_stages
+from dense_reference import assert_stages_close, dense_twins_key_masked_stages, rel_err
 
 # each variant shrunk (narrower, fewer blocks) with its structure kept: heads, mlp ratios, windows (SVT: local and
 # global blocks alternate), sub-sampling ratios 8/4/2/1, 224 px
@@ -30,10 +30,6 @@ def _model(name, **kwargs):
         for block in model.pos_block:
             block.proj[0].bias.normal_()
     return model
-
-
-def _rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.fixture(params=['torch', 'triton'])
@@ -59,11 +55,7 @@ def test_forward_visible_matches_dense_key_masked(name, ratios, backend):
     for ratio in ratios:
         mask = random_mask((7, 7), ratio, gen)
         with torch.no_grad():
-            ours = model.forward_visible(x, mask)
-            dense = dense_twins_key_masked_stages(model, x, mask)
-        assert [t.shape for t in ours] == [t.shape for t in dense]
-        for o, d in zip(ours, dense):
-            assert _rel_err(o, d) < 1e-5
+            assert_stages_close(model.forward_visible(x, mask), dense_twins_key_masked_stages(model, x, mask))
 
 
 def test_dense_check_fails_without_the_position_encoding_residual(monkeypatch):
@@ -78,8 +70,8 @@ def test_dense_check_fails_without_the_position_encoding_residual(monkeypatch):
         monkeypatch.setattr(GreenTwins, '_pos_conv_visible', staticmethod(
             lambda block, x, layout: with_residual(block, x, layout) - x))
         wrong = model.forward_visible(x, mask)
-    assert _rel_err(right[0], dense[0]) < 1e-5
-    assert _rel_err(wrong[0], dense[0]) > 1e-2
+    assert rel_err(right[0], dense[0]) < 1e-5
+    assert rel_err(wrong[0], dense[0]) > 1e-2
 
 
 @pytest.mark.parametrize('name', ['green_twins_svt_small', 'green_twins_pcpvt_small'])
@@ -95,8 +87,8 @@ def test_forward_visible_gradients_match_dense(name, backend):
     assert set(ours) == {n for n, p in model.named_parameters() if p.grad is not None} and len(ours) > 100
     for n, p in model.named_parameters():
         if n in ours:
-            assert _rel_err(ours[n], p.grad) < 1e-4, n
-    assert _rel_err(ours_x, x.grad) < 1e-4
+            assert rel_err(ours[n], p.grad) < 1e-4, n
+    assert rel_err(ours_x, x.grad) < 1e-4
 
 
 @pytest.mark.parametrize('kwargs,match', [
