@@ -25,6 +25,7 @@ the wrapper from there. Nothing else depends on ``format`` or ``kind``: a MIM ch
 import argparse
 import hashlib
 import json
+import math
 import pickle
 import re
 from pathlib import Path
@@ -38,10 +39,11 @@ from torch import nn
 __all__ = [
     'WEIGHTS_FILE', 'DECODER_FILE', 'FORMAT', 'KINDS', 'weights_metadata', 'wrapper_metadata', 'is_mim_state_dict',
     'split_mim_state_dict', 'read_checkpoint', 'check_written_for', 'verify_state_dict', 'load_verified',
-    'sha256_file',
+    'sha256_file', 'load_torch_file', 'read_model_config', 'check_not_resampled', 'HUB_CONFIG_FILE',
 ]
 
 WEIGHTS_FILE = 'model.safetensors'
+HUB_CONFIG_FILE = 'config.json'  # timm's model config in a Hub-format folder
 DECODER_FILE = 'mim_decoder.safetensors'
 FORMAT = 'greenmim'
 KINDS = ('mim', 'encoder', 'decoder', 'classifier')
@@ -89,42 +91,86 @@ def split_mim_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Tuple[StateD
 
 def read_checkpoint(path: Union[str, Path]) -> Tuple[StateDict, Dict[str, str]]:
     """``(state_dict, metadata)`` of a ``.safetensors`` file or a torch checkpoint (``{"model": ...}`` /
-    ``{"state_dict": ...}`` wrappers removed; no metadata), on the CPU.
+    ``{"state_dict": ...}`` wrappers removed; no metadata), on the CPU. A ``.safetensors`` file whose metadata does
+    not name its model takes the ``architecture`` of a timm ``config.json`` beside it (a folder ``publish`` wrote).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is truncated, corrupt or holds no state dict.
+        ValueError: the file is truncated, corrupt or holds no state dict; the ``config.json`` beside it is broken.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint {path} does not exist' + (' (it is a directory)' if path.is_dir() else ''))
-    size = path.stat().st_size
+    if path.suffix != '.safetensors':
+        checkpoint = load_torch_file(path)
+        for wrapper in ('model', 'state_dict'):
+            if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(wrapper), Mapping):
+                checkpoint = checkpoint[wrapper]
+        if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            raise ValueError(f'checkpoint {path} holds no state dict (a mapping of names to tensors)')
+        return dict(checkpoint), {}
     try:
-        if path.suffix == '.safetensors':
-            with safetensors.safe_open(path, 'pt') as f:
-                metadata = f.metadata() or {}
-            return safetensors.torch.load_file(path, device='cpu'), metadata
-        # training scripts (MAE, SimMIM, GreenMIM) save their argparse.Namespace next to the weights
+        with safetensors.safe_open(path, 'pt') as f:
+            metadata = f.metadata() or {}
+        state_dict = safetensors.torch.load_file(path, device='cpu')
+    except Exception as e:  # safetensors raises several types for the same kinds of damage
+        raise _unreadable(path, e) from e
+    if 'model' not in metadata and (path.parent / HUB_CONFIG_FILE).is_file():
+        architecture = read_model_config(path.parent).get('architecture')
+        if architecture:
+            metadata = dict(metadata, model=architecture)
+    return state_dict, metadata
+
+
+def load_torch_file(path: Union[str, Path]):
+    """``torch.load(path, weights_only=True)`` on the CPU (an ``argparse.Namespace``, as training scripts save
+    beside their weights, is allowed).
+
+    Raises:
+        ValueError: the file holds another Python object (named: it is not unpickled, for safety), or it is
+            truncated, corrupt or not a torch file.
+    """
+    path = Path(path)
+    try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        refused = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        if refused is None:
+            raise _unreadable(path, e) from e
         raise ValueError(
-            f'checkpoint {path} holds Python objects other than tensors and plain containers '
-            f'({found.group(1) if found else "see the cause"}), which are not unpickled for safety. If you trust '
-            'the file, re-save its state dict alone: torch.save(torch.load(path, weights_only=False)["model"], '
-            'new_path)') from e
-    except Exception as e:  # safetensors and torch raise several types for the same kinds of damage
-        raise ValueError(
-            f'checkpoint {path} ({size} bytes) cannot be read: it is truncated, corrupt or not a '
-            f'{"safetensors" if path.suffix == ".safetensors" else "torch"} file ({type(e).__name__}: {e}). '
-            'Delete it and download or export it again.') from e
-    for wrapper in ('model', 'state_dict'):
-        if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(wrapper), Mapping):
-            checkpoint = checkpoint[wrapper]
-    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ValueError(f'checkpoint {path} holds no state dict (a mapping of names to tensors)')
-    return dict(checkpoint), {}
+            f'{path} holds Python objects other than tensors and plain containers ({refused.group(1)}), which are '
+            'not unpickled for safety. If you trust the file, load it with torch.load(path, weights_only=False) '
+            'and save its tensors alone') from e
+    except Exception as e:  # torch raises several types for the same kinds of damage
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path: Path, error: Exception) -> ValueError:
+    kind = 'safetensors' if path.suffix == '.safetensors' else 'torch'
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
+    return ValueError(
+        f'{path} ({path.stat().st_size} bytes) cannot be read: it is truncated, corrupt or not a {kind} file '
+        f'({type(error).__name__}: {first_line}). Delete it and download, export or save it again.')
+
+
+def read_model_config(folder: Union[str, Path]) -> Dict:
+    """The timm ``config.json`` of a model folder (``architecture``, ``num_classes``, ``model_args``, ...).
+
+    Raises:
+        FileNotFoundError: no ``config.json`` in ``folder``.
+        ValueError: it is not a JSON object (the message names the file).
+    """
+    path = Path(folder) / HUB_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f'{path} does not exist')
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f'{path} is not valid JSON ({e})') from e
+    if not isinstance(config, dict):
+        raise ValueError(f'{path} holds {type(config).__name__}, not a JSON object')
+    return config
 
 
 def check_written_for(metadata: Mapping[str, str], model_name: str, source) -> None:
@@ -159,6 +205,28 @@ def verify_state_dict(state_dict: Mapping[str, torch.Tensor], reference: Mapping
     name = f'checkpoint {str(source)!r}' if source is not None else 'checkpoint'
     raise ValueError(f'{name} does not fit {what} ({found}/{len(reference)} keys found): ' + '; '.join(problems)
                      + '. Was it written for another model or model size?')
+
+
+def check_not_resampled(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """Raise ``ValueError`` when ``state_dict`` was made for another patch or window size than ``model``: timm's
+    checkpoint filters silently resample patch embeddings and relative-position tables to fit, which changes what
+    the weights compute. The message names the size to pass. (Other shape differences are left to
+    :func:`verify_state_dict`, which lists them.)"""
+    reference = model.state_dict()
+    resized = [k for k, v in state_dict.items() if k in reference and v.shape != reference[k].shape]
+    patch = 'patch_embed.proj.weight'
+    if patch in resized and state_dict[patch].shape[-2:] != reference[patch].shape[-2:]:
+        v = state_dict[patch]
+        raise ValueError(f'{patch}: checkpoint {tuple(v.shape)} vs model {tuple(reference[patch].shape)}: the '
+                         f'checkpoint uses patch size {tuple(v.shape[-2:])}: pass patch_size={v.shape[-1]} (it is '
+                         'not resampled)')
+    for k in resized:
+        if k.endswith('relative_position_bias_table'):
+            v = state_dict[k]
+            window = (math.isqrt(v.shape[0]) + 1) // 2
+            raise ValueError(f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(reference[k].shape)}: the checkpoint '
+                             f'uses window_size={window} and {v.shape[1]} heads: pass them as model kwargs, e.g. '
+                             f'\'{{"window_size": {window}}}\' (the tables are not resampled)')
 
 
 def load_verified(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, source=None,

@@ -19,7 +19,8 @@ def _card_data(release: Release, family_tag: str) -> ModelCardData:
     pipeline = 'image-feature-extraction' if release.is_mim else 'image-classification'
     eval_results = [
         EvalResult(task_type=pipeline, dataset_type=m.dataset.split('/')[0], dataset_name=m.dataset,
-                   dataset_split=m.dataset.split('/')[-1], metric_type=m.name, metric_value=m.value)
+                   dataset_split=m.dataset.split('/')[-1], metric_type=m.name, metric_value=m.value,
+                   source_name='reported' if m.reported_by else None, source_url=m.reported_by or None)
         for m in release.metrics] or None
     return ModelCardData(
         library_name='timm', pipeline_tag=pipeline, license=release.license,
@@ -31,8 +32,10 @@ def _card_data(release: Release, family_tag: str) -> ModelCardData:
 def _results(release: Release) -> str:
     if not release.metrics:
         return 'No results have been measured for these weights yet.'
-    rows = [f'| {m.dataset} | {m.name} | {m.value:g} | `{m.command}` |' for m in release.metrics]
-    return '\n'.join(['| dataset | metric | value | measured with |', '| --- | --- | --- | --- |', *rows])
+    rows = [f'| {m.dataset} | {m.name} | {m.value:g} | '
+            + (f'measured with `{m.command}`' if m.command else f'reported at <{m.reported_by}>, not measured here')
+            + ' |' for m in release.metrics]
+    return '\n'.join(['| dataset | metric | value | source |', '| --- | --- | --- | --- |', *rows])
 
 
 def render_model_card(release: Release, model: nn.Module, decoder_file: Optional[str] = None) -> str:

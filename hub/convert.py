@@ -23,7 +23,6 @@ docs/hub.md for how to tell).
 """
 import argparse
 import json
-import math
 import re
 import sys
 from pathlib import Path
@@ -35,15 +34,21 @@ import torch
 from torch import nn
 
 from greenmim.checkpoint import (
-    is_mim_state_dict, read_checkpoint, split_mim_state_dict, verify_state_dict, weights_metadata)
+    check_not_resampled, is_mim_state_dict, read_checkpoint, split_mim_state_dict, verify_state_dict, weights_metadata)
 from greenmim.mim import GreenMIM, SimMIM
 from greenmim.models.family import family_of
+from greenmim.train.validation import check_model_name
 
-__all__ = ['KINDS', 'MERGE_ORDERS', 'detect_kind', 'swap_merge_order', 'build_target', 'convert_state_dict',
+__all__ = ['KINDS', 'MERGE_ORDERS', 'AUTHORS_CODE', 'ZERO_PREDICTION', 'detect_kind', 'swap_merge_order', 'build_target', 'convert_state_dict',
            'merge_order_losses', 'sample_images', 'add_arguments', 'run']
 
 KINDS = ('greenmim', 'simmim', 'classifier')
 MERGE_ORDERS = ('swin', 'early')
+AUTHORS_CODE = {  # the authors' code that concatenated 2x2 neighbours in each order (see docs/hub.md)
+    'swin': 'x00,x10,x01,x11 (Swin\'s), as the authors\' code since their "fix misalignment in PatchMerging" commit',
+    'early': 'x00,x01,x10,x11, as the authors\' code before that commit and their original release',
+}
+ZERO_PREDICTION = 'zero prediction'
 _MERGE_KEY = re.compile(r'(.*\.)?layers\.\d+\.downsample\.(norm\.weight|norm\.bias|reduction\.weight)')
 _SWIN_ORDER_FROM_EARLY = (0, 2, 1, 3)  # Swin's x00,x10,x01,x11 taken from the early x00,x01,x10,x11
 
@@ -101,23 +106,6 @@ def build_target(
     raise ValueError(f'kind {kind!r} is not one of {KINDS}')
 
 
-def _check_not_resized(encoder: Dict[str, torch.Tensor], model: nn.Module) -> None:
-    """timm's filter silently resamples patch embeddings and relative-position tables to another patch or window
-    size; a conversion must not (other shape differences are listed by the key-by-key check)."""
-    reference = model.state_dict()
-    for k, v in encoder.items():
-        if k not in reference or v.shape == reference[k].shape:
-            continue
-        if k == 'patch_embed.proj.weight' and v.shape[-2:] != reference[k].shape[-2:]:
-            raise ValueError(f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(reference[k].shape)}: the checkpoint '
-                             f'uses patch size {tuple(v.shape[-2:])}')
-        if k.endswith('relative_position_bias_table'):
-            window = (math.isqrt(v.shape[0]) + 1) // 2
-            raise ValueError(f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(reference[k].shape)}: the checkpoint '
-                             f'uses window_size={window} and {v.shape[1]} heads: pass them in --model-kwargs, e.g. '
-                             f'\'{{"window_size": {window}}}\'')
-
-
 def convert_state_dict(
         state_dict: Dict[str, torch.Tensor],
         model_name: str,
@@ -143,7 +131,7 @@ def convert_state_dict(
     family = family_of(encoder_model)
     if family is None:
         raise ValueError(f'{model_name} is not a green model: convert writes checkpoints of green_* models')
-    _check_not_resized(encoder, encoder_model)
+    check_not_resampled(encoder, encoder_model)
     encoder = family.original_to_timm(encoder, encoder_model)
     if merge_order == 'early':
         encoder = swap_merge_order(encoder)
@@ -173,6 +161,15 @@ def convert_state_dict(
     return converted, target, notes
 
 
+def _mean_loss(target: nn.Module, images: torch.Tensor, num_masks: int) -> float:
+    """Mean MIM loss of ``target`` over ``num_masks`` masks drawn from a generator seeded 0 (the same for every
+    call)."""
+    target.eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return sum(target(images, generator=generator).loss.item() for _ in range(num_masks)) / num_masks
+
+
 def merge_order_losses(
         state_dict: Dict[str, torch.Tensor],
         model_name: str,
@@ -181,16 +178,18 @@ def merge_order_losses(
         decoder_heads: int = 16,
         **model_kwargs,
 ) -> Dict[str, float]:
-    """MIM loss of a GreenMIM/SimMIM checkpoint converted with each merge order, on normalised ``images``
-    ``[B, 3, H, W]`` and ``num_masks`` fixed random masks. A trained checkpoint reconstructs markedly better with
-    the order it was trained with; with untrained weights the numbers say nothing."""
+    """MIM loss of a GreenMIM/SimMIM checkpoint converted with each merge order (keys :data:`MERGE_ORDERS`), on
+    normalised ``images`` ``[B, 3, H, W]`` and ``num_masks`` fixed random masks, and under :data:`ZERO_PREDICTION`
+    the loss of a decoder that predicts zeros with the same masks (for normalised pixels, about 1: a flat unit).
+    A trained checkpoint reconstructs markedly better with the order it was trained with; with untrained weights
+    the numbers say nothing."""
     losses = {}
     for order in MERGE_ORDERS:
         _, target, _ = convert_state_dict(state_dict, model_name, 'auto', order, decoder_heads, **model_kwargs)
-        target.eval()
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            losses[order] = sum(target(images, generator=generator).loss.item() for _ in range(num_masks)) / num_masks
+        losses[order] = _mean_loss(target, images, num_masks)
+    for p in (target.decoder_pred if isinstance(target, GreenMIM) else target.decoder).parameters():
+        nn.init.zeros_(p)
+    losses[ZERO_PREDICTION] = _mean_loss(target, images, num_masks)
     return losses
 
 
@@ -211,22 +210,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='JSON kwargs for the target model, e.g. \'{"window_size": 14}\'')
     parser.add_argument('--kind', choices=('auto',) + KINDS, default='auto')
     parser.add_argument('--merge-order', choices=MERGE_ORDERS, default='swin',
-                        help="'early': the checkpoint concatenated 2x2 neighbours as x00,x01,x10,x11 (see docs/hub.md)")
+                        help="the checkpoint's patch-merging concatenation: " + '; '.join(
+                            f'{order}: {code}' for order, code in AUTHORS_CODE.items()) + ' (see docs/hub.md)')
     parser.add_argument('--decoder-heads', type=int, default=16, help='GreenMIM decoder heads (not in the weights)')
     parser.add_argument('--check-merge-order', action='store_true',
-                        help='print the MIM loss on sample photos with each merge order, write nothing')
+                        help='print the MIM loss on sample photos with each merge order (and of a zero prediction, '
+                             'for scale), write nothing')
     parser.add_argument('--check-images', type=int, default=16, help='sample photos used by --check-merge-order')
 
 
+def _report_merge_orders(state_dict: Dict[str, torch.Tensor], args: argparse.Namespace, num_masks: int = 4) -> None:
+    """Print the MIM loss of each merge order, which authors' code concatenated in that order, and the loss of a
+    zero prediction for scale."""
+    if (args.kind if args.kind != 'auto' else detect_kind(state_dict)) == 'classifier':
+        raise ValueError('--check-merge-order needs a GreenMIM or SimMIM pre-training checkpoint (it compares MIM '
+                         'losses); a classifier fine-tuned with SimMIM\'s code uses Swin\'s order: convert it with '
+                         'the default --merge-order swin')
+    images = sample_images(timm.create_model(args.model, **args.model_kwargs), args.check_images)
+    losses = merge_order_losses(state_dict, args.model, images, num_masks, args.decoder_heads, **args.model_kwargs)
+    print(f'MIM loss on {len(images)} sample photos, {num_masks} masks each (lower is better):')
+    for order in MERGE_ORDERS:
+        print(f'  --merge-order {order:<5}  {losses[order]:.4f}   concatenation {AUTHORS_CODE[order]}')
+    print(f'  {ZERO_PREDICTION:<20} {losses[ZERO_PREDICTION]:.4f}   for scale: a decoder that learned nothing')
+    print(f'lower loss: --merge-order {min(MERGE_ORDERS, key=losses.get)}')
+
+
 def run(args: argparse.Namespace) -> int:
+    check_model_name(args.model)
     state_dict = read_checkpoint(args.checkpoint)[0]
     if args.check_merge_order:
-        images = sample_images(timm.create_model(args.model, **args.model_kwargs), args.check_images)
-        losses = merge_order_losses(state_dict, args.model, images, decoder_heads=args.decoder_heads,
-                                    **args.model_kwargs)
-        for order, loss in losses.items():
-            print(f'--merge-order {order}: MIM loss {loss:.4f} on {len(images)} sample photos')
-        print(f'lower loss: --merge-order {min(losses, key=losses.get)}')
+        _report_merge_orders(state_dict, args)
         return 0
     converted, target, notes = convert_state_dict(
         state_dict, args.model, args.kind, args.merge_order, args.decoder_heads, **args.model_kwargs)

@@ -16,7 +16,8 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, 
 from timm.models import parse_model_name
 from torch import nn
 
-from greenmim.checkpoint import DECODER_FILE, WEIGHTS_FILE, read_checkpoint, sha256_file, verify_state_dict
+from greenmim.checkpoint import (
+    DECODER_FILE, WEIGHTS_FILE, check_not_resampled, read_checkpoint, read_model_config, sha256_file, verify_state_dict)
 from greenmim.mim import mim_from_metadata
 
 from greenmim.models.family import family_of
@@ -106,15 +107,19 @@ def _pretrained_filter(model: nn.Module):
     return family.original_to_timm if family is not None else (lambda state_dict, _: state_dict)
 
 
-def _check_published_file(pretrained_cfg: Dict[str, Any], path: Path) -> None:
-    """A file downloaded for a published release must be the file that was published."""
+def _check_published_file(pretrained_cfg: Dict[str, Any], path: Path, digest_field: str = 'sha256') -> None:
+    """A file downloaded for a published release must be the file that was published: its sha256 must be the
+    release's ``digest_field`` (``sha256`` for the weights, ``decoder_sha256`` for the MIM decoder)."""
     release = load_manifest().get(_release_name(pretrained_cfg))
     if release is None or not release.published or pretrained_cfg.get('hf_hub_id') != release.hub_id:
         return
-    digest = sha256_file(path)
-    if digest != release.sha256:
+    expected, digest = getattr(release, digest_field), sha256_file(path)
+    if expected is None:
+        raise ValueError(f'the manifest records no {digest_field} for the published {release.name}: cannot check '
+                         f'{path}')
+    if digest != expected:
         raise ValueError(f'{path} (sha256 {digest[:12]}...) is not the published {release.name} '
-                         f'(sha256 {release.sha256[:12]}...): delete it from the cache and download again')
+                         f'(sha256 {expected[:12]}...): delete it from the cache and download again')
 
 
 def load_pretrained(
@@ -132,9 +137,13 @@ def load_pretrained(
 
     Raises:
         FileNotFoundError: missing repository, file or folder, or not in the cache while offline.
-        ValueError: no weights for this tag yet; truncated or corrupt file; a checkpoint that does not fit the model
-            (lists missing, unexpected and mismatched keys); a download that differs from the published sha256.
+        ValueError: no weights for this tag yet; truncated or corrupt file, or a broken ``config.json``; weights
+            for another patch or window size (never resampled: the message names the size to pass); a checkpoint
+            that does not fit the model (lists missing, unexpected and mismatched keys); a download that differs
+            from the published sha256.
     """
+    if model_name.startswith(_LOCAL_DIR):
+        read_model_config(model_name[len(_LOCAL_DIR):])  # a broken config.json: a ValueError naming it
     try:
         model = timm.create_model(
             model_name, pretrained=False, pretrained_cfg_overlay=_overlay(pretrained_cfg_overlay), **kwargs)
@@ -143,7 +152,9 @@ def load_pretrained(
     pretrained_cfg = model.pretrained_cfg
     path = resolve_weights(pretrained_cfg)
     _check_published_file(pretrained_cfg, path)
-    state_dict = _pretrained_filter(model)(read_checkpoint(path)[0], model)
+    state_dict = read_checkpoint(path)[0]
+    check_not_resampled(state_dict, model)  # before timm's filter would resample it
+    state_dict = _pretrained_filter(model)(state_dict, model)
     reference = model.state_dict()
     classifier = pretrained_cfg.get('classifier')
     if classifier and pretrained_cfg.get('num_classes') != model.num_classes:  # adapting the head, as timm does
@@ -158,9 +169,11 @@ def load_pretrained(
 def load_mim_pretrained(model_name: str, pretrained_cfg_overlay: Optional[Dict[str, Any]] = None, **kwargs):
     """A :class:`greenmim.GreenMIM` / :class:`greenmim.SimMIM` (encoder and decoder) from a ``.mim_*`` release, to
     continue pre-training: the encoder as :func:`load_pretrained`, the decoder from ``mim_decoder.safetensors``
-    beside it (same repository, folder, or the file's folder)."""
+    beside it (same repository, folder, or the file's folder); a downloaded decoder of a published release must
+    match the manifest's ``decoder_sha256``."""
     encoder = load_pretrained(model_name, pretrained_cfg_overlay, **kwargs)
     path = resolve_weights(encoder.pretrained_cfg, DECODER_FILE)
+    _check_published_file(encoder.pretrained_cfg, path, 'decoder_sha256')
     decoder, metadata = read_checkpoint(path)
     try:
         mim = mim_from_metadata(encoder, metadata)

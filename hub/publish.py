@@ -25,6 +25,8 @@ from greenmim.checkpoint import (
     DECODER_FILE, WEIGHTS_FILE, is_mim_state_dict, read_checkpoint, sha256_file, split_mim_state_dict,
     verify_state_dict, weights_metadata)
 
+from greenmim.train.validation import check_model_name
+
 from .card import render_model_card
 from .convert import build_target, detect_kind
 from greenmim.models.manifest import Metric, Release, load_manifest, write_release
@@ -33,7 +35,8 @@ __all__ = ['build_repo_folder', 'add_arguments', 'run']
 
 
 def _release(args: argparse.Namespace) -> Release:
-    """The manifest's entry for ``model.tag`` (or a new one), with this publication's source and metrics."""
+    """The manifest's entry for ``model.tag`` (or a new one), with this publication's source, metrics and model
+    kwargs (those given, else the entry's)."""
     name = f'{args.model}.{args.tag}'
     release = load_manifest().get(name)
     if release is None and not args.repo_id:
@@ -47,7 +50,7 @@ def _release(args: argparse.Namespace) -> Release:
     return dataclasses.replace(
         base, hub_id=args.repo_id or base.hub_id, license=args.license or base.license,
         source_checkpoint=args.source_checkpoint or str(args.checkpoint), metrics=metrics or base.metrics,
-        notes=args.notes if args.notes is not None else base.notes)
+        notes=args.notes if args.notes is not None else base.notes, model_kwargs=args.model_kwargs or base.model_kwargs)
 
 
 def build_repo_folder(
@@ -129,7 +132,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model', required=True, help='e.g. green_swin_base')
     parser.add_argument('--tag', required=True, help='e.g. mim_in1k or mim_in1k_ft_in1k')
     parser.add_argument('--out', type=Path, required=True, help='repository folder to write (empty or new)')
-    parser.add_argument('--model-kwargs', type=json.loads, default={}, help='JSON kwargs for timm.create_model')
+    parser.add_argument('--model-kwargs', type=json.loads, default={},
+                        help='JSON kwargs for timm.create_model (default: the manifest entry\'s)')
     parser.add_argument('--repo-id', help='full hub id (default: the manifest entry\'s)')
     parser.add_argument('--license', help='licence id (default: the manifest entry\'s)')
     parser.add_argument('--source-checkpoint', help='what the weights came from, for the manifest (default: path)')
@@ -144,10 +148,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_model_name(args.model)
     if not args.dry_run:
         _token()  # fail before building anything
+    release = _release(args)
     release = build_repo_folder(
-        args.checkpoint, _release(args), args.out, args.model_kwargs, args.decoder_heads,
+        args.checkpoint, release, args.out, release.model_kwargs, args.decoder_heads,
         status='not-published' if args.dry_run else 'published', decoder_checkpoint=args.decoder)
     print(f'wrote {args.out}: {", ".join(sorted(p.name for p in args.out.iterdir()))}')
     if not args.dry_run:

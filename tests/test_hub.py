@@ -6,6 +6,8 @@ import dataclasses
 import io
 import json
 import os
+import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -192,11 +194,29 @@ def test_load_errors_name_the_problem(published, tmp_path):
         load_pretrained(NAME, pretrained_cfg_overlay=dict(hf_hub_id=f'local-dir:{tmp_path}'), **TINY)
 
 
+def test_other_window_or_patch_size_is_refused_not_resampled(published):
+    """timm's filter would resample the relative-position tables / patch embedding to fit; the loader refuses and
+    names the size the weights were made for."""
+    weights = dict(file=str(published[0] / 'model.safetensors'))
+    with pytest.raises(ValueError, match=r'relative_position_bias_table.*uses window_size=7 .*not resampled'):
+        load_pretrained(NAME, pretrained_cfg_overlay=weights, **dict(TINY, window_size=14))
+    with pytest.raises(ValueError, match=r'patch_embed\.proj\.weight.*uses patch size \(4, 4\): pass patch_size=4'):
+        load_pretrained(NAME, pretrained_cfg_overlay=weights, **dict(TINY, patch_size=8))
+
+
+def test_broken_config_json_is_named(published, tmp_path):
+    folder = tmp_path / 'repo'
+    shutil.copytree(published[0], folder)
+    (folder / 'config.json').write_text('{"architecture": "green_swin_tiny",')
+    with pytest.raises(ValueError, match=f'{folder / "config.json"} is not valid JSON'):
+        load_pretrained(f'local-dir:{folder}')
+
+
 # --- a real local Hub endpoint -------------------------------------------------------------------------------
 
 _CLIENT = r'''
 import json, os, sys, torch, timm, greenmim
-from greenmim.hub.loading import load_pretrained
+from greenmim.hub.loading import load_mim_pretrained, load_pretrained
 tiny, x_path, result_path = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 x, out = torch.load(x_path), {}
 with torch.no_grad():
@@ -211,12 +231,14 @@ with torch.no_grad():
             out[label] = make().eval().forward_features(x).tolist()
         except Exception as e:
             out[label] = f'{type(e).__name__}: {e}'
-    os.environ['GREENMIM_HUB_MANIFEST'] = os.environ['BAD_MANIFEST']  # same hub id, another sha256
-    try:
-        load_pretrained('green_swin_tiny.mim_in1k', **tiny)
-        out['sha256'] = 'loaded'
-    except ValueError as e:
-        out['sha256'] = str(e)
+    for label, manifest, load in [  # same hub id, another sha256 of the weights / of the decoder
+            ('sha256', 'BAD_MANIFEST', load_pretrained), ('decoder_sha256', 'BAD_DECODER_MANIFEST', load_mim_pretrained)]:
+        os.environ['GREENMIM_HUB_MANIFEST'] = os.environ[manifest]
+        try:
+            load('green_swin_tiny.mim_in1k', **tiny)
+            out[label] = 'loaded'
+        except ValueError as e:
+            out[label] = str(e)
 json.dump(out, open(result_path, 'w'))
 '''
 
@@ -289,15 +311,17 @@ def test_pretrained_download_from_hub_endpoint_then_offline_cache(mim, published
     loads from the filled HF cache with ``HF_HUB_OFFLINE=1``."""
     out, entry = published
     manifest, bad_manifest = tmp_path / 'manifest.json', tmp_path / 'bad_manifest.json'
+    bad_decoder_manifest = tmp_path / 'bad_decoder_manifest.json'
     release = dict(entry, status='published')
     manifest.write_text(json.dumps({'schema': 1, 'releases': [release]}))
     bad_manifest.write_text(json.dumps({'schema': 1, 'releases': [dict(release, sha256='0' * 64)]}))
+    bad_decoder_manifest.write_text(json.dumps({'schema': 1, 'releases': [dict(release, decoder_sha256='0' * 64)]}))
     x = torch.randn(1, 3, 224, 224)
     expected = reference_features(mim[0], x).tolist()
     env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
     env.update(HF_HOME=str(tmp_path / 'hf'), HF_ENDPOINT=hub_endpoint, HF_HUB_DISABLE_TELEMETRY='1',
                HF_HUB_ETAG_TIMEOUT='5', HF_HUB_DOWNLOAD_TIMEOUT='5', GREENMIM_HUB_MANIFEST=str(manifest),
-               BAD_MANIFEST=str(bad_manifest))
+               BAD_MANIFEST=str(bad_manifest), BAD_DECODER_MANIFEST=str(bad_decoder_manifest))
 
     online = _run_client(tmp_path, env, x)
     for label in ('registry', 'hf-hub', 'helper'):
@@ -305,6 +329,7 @@ def test_pretrained_download_from_hub_endpoint_then_offline_cache(mim, published
     assert online['missing'].startswith('FileNotFoundError: no repository greenmim/no_such_model')
     assert online['missing-overlay'].startswith('FileNotFoundError: no repository greenmim/no_such_model')
     assert 'is not the published green_swin_tiny.mim_in1k' in online['sha256']
+    assert re.search(r'mim_decoder\.safetensors \(sha256 \w+\.\.\.\) is not the published', online['decoder_sha256'])
 
     offline = _run_client(tmp_path, dict(env, HF_HUB_OFFLINE='1', HF_ENDPOINT='http://127.0.0.1:9'), x)
     for label in ('registry', 'hf-hub', 'helper'):
@@ -333,3 +358,50 @@ def test_manifest_entries_are_validated_and_written(tmp_path):
     path.write_text(json.dumps({'releases': [release.to_dict(), release.to_dict()]}))
     with pytest.raises(ValueError, match='listed twice'):
         load_manifest(path)
+
+
+AUTHORS = {  # release -> (Google Drive id in the authors' README, model kwargs, reported top-1)
+    'green_swin_base.mim_in1k_authors': ('1vCt7QN3rNC7hmWlWYomqfhjUqN-PvR7a', {}, 83.8),
+    'green_swin_base.mim_in1k_authors_w14': ('1P1dAdcZtSEGWFQy5GeeJdfGTqesSAES9', {'window_size': 14}, None),
+    'green_swin_large.mim_in1k_authors_w14': ('1Tw1KeGviVWxbVt3h1TT7BxTX1aLeT-Nm', {'window_size': 14}, 85.1),
+}
+
+
+def _parse(module, argv):
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_authors_checkpoints_are_listed_with_the_command_that_releases_them():
+    from greenmim.hub import convert
+    releases = load_manifest()
+    for name, (drive_id, kwargs, top1) in AUTHORS.items():
+        release = releases[name]
+        assert (release.status, release.license, release.model_kwargs) == ('not-published', 'cc-by-nc-4.0', kwargs)
+        assert release.source_checkpoint == f'https://drive.google.com/file/d/{drive_id}/view?usp=sharing'
+        assert [m.value for m in release.metrics] == ([top1] if top1 else [])
+        assert all(m.reported_by.startswith('https://github.com/LayneH/GreenMIM/') for m in release.metrics)
+        assert set(release.recipe) == {'pre-training', 'conversion', 'fine-tuning'}
+        first, second = (shlex.split(part) for part in release.release_command.split(' && '))
+        assert first[:2] == ['greenmim', 'convert'] and second[:2] == ['greenmim', 'publish']
+        conv, pub = _parse(convert, first[2:]), _parse(publish, second[2:])
+        assert (str(conv.checkpoint), conv.model, conv.model_kwargs, conv.merge_order) == (
+            '$CKPT', release.model, kwargs, 'early')
+        assert (pub.checkpoint, pub.model, pub.tag, pub.source_checkpoint, str(pub.manifest)) == (
+            conv.output, release.model, release.tag, release.source_checkpoint, 'greenmim/models/manifest.json')
+        assert not pub.dry_run and pub.model_kwargs == {}  # publish takes the kwargs from this entry
+        with torch.device('meta'):
+            model = timm.create_model(name, **kwargs)  # registered in timm, headless
+        assert model.num_classes == 0 and model.pretrained_cfg['tag'] == release.tag
+        assert not model.pretrained_cfg.get('hf_hub_id') and model.pretrained_cfg['license'] == 'cc-by-nc-4.0'
+    with pytest.raises(ValueError, match='weights not published yet'):
+        load_pretrained('green_swin_base.mim_in1k_authors')
+
+
+def test_card_of_a_reported_number_says_where_it_was_reported():
+    from greenmim.hub.card import render_model_card
+    release = load_manifest()['green_swin_base.mim_in1k_authors']
+    card = ModelCard(render_model_card(release, timm.create_model('green_swin_tiny', **TINY)))
+    assert card.data.eval_results[0].source_url == release.metrics[0].reported_by
+    assert f'| imagenet-1k/validation | top1 | 83.8 | reported at <{release.metrics[0].reported_by}>' in card.text

@@ -241,13 +241,33 @@ def test_merge_order_check_scores_each_order(green, tmp_path, capsys):
     checkpoint = authors_greenmim(green)
     images = convert.sample_images(green.encoder, limit=2)
     assert images.shape == (2, 3, 224, 224)
-    losses = convert.merge_order_losses(checkpoint['model'], 'green_swin_tiny', images, num_masks=1, **TINY)
+    losses = convert.merge_order_losses(checkpoint['model'], 'green_swin_tiny', images, num_masks=4, **TINY)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        expected = green.eval()(images, generator=generator).loss.item()
+        expected = sum(green.eval()(images, generator=generator).loss.item() for _ in range(4)) / 4
     assert losses['swin'] == pytest.approx(expected) and losses['early'] != losses['swin']
+    # predicting zeros scores the mean of each masked unit's normalised pixels squared: (n-1)/n for n pixels
+    assert losses[convert.ZERO_PREDICTION] == pytest.approx(1 - 1 / (32 * 32 * 3), abs=1e-4)
     source = tmp_path / 'ckpt.pth'
     torch.save(checkpoint, source)
     assert main(['convert', str(source), str(tmp_path / 'unused.safetensors'), '--model', 'green_swin_tiny',
-                         '--model-kwargs', json.dumps(TINY), '--check-merge-order', '--check-images', '2']) == 0
-    assert 'lower loss: --merge-order' in capsys.readouterr().out and not (tmp_path / 'unused.safetensors').exists()
+                 '--model-kwargs', json.dumps(TINY), '--check-merge-order', '--check-images', '2']) == 0
+    report = capsys.readouterr().out.splitlines()
+    assert report[0] == 'MIM loss on 2 sample photos, 4 masks each (lower is better):'
+    assert re.fullmatch(rf"  --merge-order swin   {losses['swin']:.4f}   concatenation x00,x10,x01,x11 \(Swin's\), "
+                        r"as the authors' code since their \"fix misalignment in PatchMerging\" commit", report[1])
+    assert re.fullmatch(rf"  --merge-order early  {losses['early']:.4f}   concatenation x00,x01,x10,x11, as the "
+                        r"authors' code before that commit and their original release", report[2])
+    assert re.fullmatch(rf'  zero prediction +{losses[convert.ZERO_PREDICTION]:.4f}   for scale: .*', report[3])
+    assert report[4] == f'lower loss: --merge-order {min(("swin", "early"), key=losses.get)}'
+    assert not (tmp_path / 'unused.safetensors').exists()
+
+
+def test_merge_order_check_refuses_a_classifier(tmp_path, capsys):
+    model = timm.create_model('green_swin_tiny', num_classes=10, **TINY)
+    source = tmp_path / 'classifier.pth'
+    torch.save({'model': to_authors_swin(model.state_dict(), model)}, source)
+    assert main(['convert', str(source), str(tmp_path / 'unused.safetensors'), '--model', 'green_swin_tiny',
+                 '--model-kwargs', json.dumps(TINY), '--check-merge-order']) == 2
+    assert re.fullmatch(r'greenmim convert: error: --check-merge-order needs a GreenMIM or SimMIM pre-training '
+                        r'checkpoint .*\n', capsys.readouterr().err)

@@ -44,11 +44,13 @@ def test_two_process_gloo_run_uses_different_masks_per_rank(tmp_path):
 
 def test_micro_batch_unreadable_on_one_rank_is_skipped_by_all_ranks(tmp_path):
     """With batch 1 and half the files corrupt, some micro-batches are empty on one rank only: every rank must skip
-    them together (a lone skip would leave the other rank waiting in DDP's gradient all-reduce)."""
+    them together (a lone skip would leave the other rank waiting in DDP's gradient all-reduce). With accumulation
+    over 2 micro-batches, a skipped last micro-batch of a step is the one whose backward DDP syncs in: the
+    gradients of the step must still be averaged, or the ranks' weights drift apart."""
     photos = copy_photos(tmp_path / 'photos', 6)
     for i in range(6):
         (photos / f'corrupt{i}.jpg').write_bytes(b'\xff\xd8\xff\xe0 not a jpeg')
-    config = tiny_pretrain_config(tmp_path / 'run', data=str(photos), batch_size=1, epochs=1)
+    config = tiny_pretrain_config(tmp_path / 'run', data=str(photos), batch_size=1, accum_iter=2, epochs=1)
     _spawn_two_ranks(config, tmp_path)
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
     for name, value in ranks[0]['weights'].items():

@@ -129,3 +129,18 @@ def test_default_randaugment_never_fails_on_pillow():
         random.seed(seed)
         torch.manual_seed(seed)
         transform(image)
+
+
+def test_default_mixup_trains_a_micro_batch_with_one_readable_image(folders, tmp_path):
+    """Mixup pairs images: a micro-batch with a single readable image is trained on its label-smoothed target."""
+    single = FinetuneConfig(**TINY, data=str(folders[0]), epochs=1, batch_size=1, max_steps=2, num_workers=0,
+                            output_dir=str(tmp_path / 'batch1'))
+    assert single.mixup > 0 and single.cutmix > 0  # the defaults
+    summary = finetune(single)
+    assert summary.steps == 2 and all(torch.isfinite(torch.tensor(summary.losses)))
+    assert (tmp_path / 'batch1' / 'checkpoints' / 'step-00000002' / 'model.safetensors').is_file()
+    data = make_two_class_folder(tmp_path / 'data', 1, seed=2)
+    (data / 'coffee' / '000.png').write_bytes(b'not a png')  # batch of 2: one readable image
+    summary = finetune(FinetuneConfig(**TINY, data=str(data), epochs=1, batch_size=2, num_workers=0,
+                                      output_dir=str(tmp_path / 'batch2')))
+    assert summary.steps == 1 and summary.images_skipped == 1 and torch.isfinite(torch.tensor(summary.losses)).all()

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from greenmim.cli import main
 from greenmim.mim import GreenMIM
-from greenmim.train import NonFiniteLossError, pretrain
+from greenmim.train import NonFiniteLossError, NothingTrainedError, pretrain
 from greenmim.train.run_checkpoints import read_training_state
 from train_fixtures import copy_photos, tiny_pretrain_config
 
@@ -143,3 +143,27 @@ def test_reconstruction_undoes_the_per_unit_normalisation():
     masked, recon = reconstruct(PerfectPredictor(), images, mask)
     torch.testing.assert_close(recon, images, atol=1e-5, rtol=1e-5)
     assert torch.equal(masked[..., :32, :32], images[..., :32, :32]) and not masked[..., :32, 32:].any()
+
+
+def test_skipped_micro_batches_do_not_count_and_a_run_that_trained_nothing_fails(tmp_path):
+    data = copy_photos(tmp_path / 'some_bad', 3)
+    for i in range(3):
+        (data / f'bad{i}.png').write_bytes(b'not a png')
+    summary = pretrain(tiny_pretrain_config(tmp_path / 'run', data=str(data), batch_size=1))
+    records = [json.loads(line) for line in (tmp_path / 'run' / 'log.jsonl').read_text().splitlines()]
+    step_losses = [r['loss'] for r in records if r['type'] == 'step']
+    trained = [loss for loss in step_losses if loss is not None]
+    assert len(step_losses) == 6 and len(trained) == 3 and summary.losses == trained
+    assert summary.epoch_metrics[0]['train_loss'] == pytest.approx(sum(trained) / 3)
+
+    bad = tmp_path / 'all_bad'
+    bad.mkdir()
+    for i in range(4):
+        (bad / f'bad{i}.png').write_bytes(b'not a png')
+    with pytest.raises(NothingTrainedError, match='epoch 0 trained nothing: every micro-batch was skipped'):
+        pretrain(tiny_pretrain_config(tmp_path / 'bad_run', data=str(bad)))
+    assert not (tmp_path / 'bad_run' / 'checkpoints').exists()
+    cfg = tiny_pretrain_config(tmp_path / 'bad_run_max_steps', data=str(bad), batch_size=1, max_steps=2)
+    with pytest.raises(NothingTrainedError, match='this run trained nothing'):
+        pretrain(cfg)
+    assert not (tmp_path / 'bad_run_max_steps' / 'checkpoints').exists()

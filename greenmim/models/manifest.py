@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 __all__ = ['Metric', 'Release', 'STATUSES', 'TAGS', 'is_mim_tag', 'manifest_path', 'load_manifest', 'write_release',
            'pretrained_cfgs', 'PAPER_CFG']
@@ -22,7 +22,8 @@ PAPER_CFG = {  # in the timm cfg of every green model
     'paper_name': 'Green Hierarchical Vision Transformer for Masked Image Modeling',
 }
 MANIFEST_ENV = 'GREENMIM_HUB_MANIFEST'
-TAGS = ('mim_in1k_ft_in1k', 'mim_in1k')  # the pretrained tags of every green model; the first is the default
+TAGS = ('mim_in1k_ft_in1k', 'mim_in1k')  # the pretrained tags of every green model (the first is the default);
+# the manifest may list more for a model, e.g. the authors' converted checkpoints (mim_in1k_authors)
 
 
 def is_mim_tag(tag: str) -> bool:
@@ -32,15 +33,18 @@ def is_mim_tag(tag: str) -> bool:
 
 @dataclass(frozen=True)
 class Metric:
-    """One measured number and the command that measured it."""
+    """One number and where it comes from: the command that measured it, or (for a number not measured here,
+    e.g. the authors' accuracy of a converted checkpoint) ``reported_by``, a link to where it was reported."""
     name: str  # e.g. 'top1'
     value: float
     dataset: str  # e.g. 'imagenet-1k/validation'
-    command: str
+    command: str = ''
+    reported_by: str = ''
 
     def __post_init__(self):
-        if not self.command:
-            raise ValueError(f'metric {self.name!r} has no command: record how it was measured')
+        if not (self.command or self.reported_by):
+            raise ValueError(f'metric {self.name!r} has no command: record how it was measured (or reported_by: '
+                             'where it was reported)')
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class Release:
     recipe: Dict[str, str] = field(default_factory=dict)
     metrics: Tuple[Metric, ...] = ()
     notes: str = ''
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # timm kwargs the weights need, e.g. window_size
+    release_command: str = ''  # for a release still to make: the command a maintainer with network runs
 
     def __post_init__(self):
         if self.status not in STATUSES:
@@ -126,25 +132,31 @@ def write_release(release: Release, path: Optional[Union[str, Path]] = None) -> 
 
 def _release_cfg(base_cfg: dict, release: Optional[Release]) -> dict:
     """``base_cfg`` with the weights source of ``release``: the full hub id, set only for a published release,
-    the licence, and notes (an unpublished tag says so; the recipe step by step)."""
+    the licence, and notes (an unpublished tag says so; the model kwargs the weights need; the recipe step by
+    step)."""
     if release is None:
         return dict(base_cfg)
     status = () if release.published else (
         f'NOT YET PUBLISHED: no weights at {release.hub_id} yet. {release.notes}'.strip(),)
+    kwargs = (f'create with {", ".join(f"{k}={v!r}" for k, v in release.model_kwargs.items())}',
+              ) if release.model_kwargs else ()
     return dict(base_cfg, hf_hub_id=release.hub_id if release.published else None, license=release.license,
-                notes=status + tuple(f'{step}: {how}' for step, how in release.recipe.items()))
+                notes=status + kwargs + tuple(f'{step}: {how}' for step, how in release.recipe.items()))
 
 
 def pretrained_cfgs(models: Sequence[str], base_cfg: dict) -> Dict[str, dict]:
-    """timm pretrained cfgs of every ``model.tag`` of ``models`` (:data:`TAGS`), for ``generate_default_cfgs``.
+    """timm pretrained cfgs of every ``model.tag`` of ``models`` (:data:`TAGS`, and any other tag the manifest
+    lists for the model), for ``generate_default_cfgs``.
 
     ``base_cfg`` is the family's cfg (input size, mean/std, classifier name, ...), completed with the paper and the
     licence (:data:`PAPER_CFG`); ``num_classes`` is 0 for MIM tags, 1000 for the fine-tuned classifiers. The
     classifier is the default tag (``*``) whether or not weights are published yet.
     """
     releases = load_manifest()
+    tags = {model: TAGS + tuple(r.tag for r in releases.values() if r.model == model and r.tag not in TAGS)
+            for model in models}
     return {
         f'{model}.{tag}{"*" if tag == TAGS[0] else ""}': _release_cfg(
             {**PAPER_CFG, **base_cfg, 'num_classes': 0 if is_mim_tag(tag) else 1000}, releases.get(f'{model}.{tag}'))
-        for model in models for tag in TAGS
+        for model in models for tag in tags[model]
     }

@@ -27,11 +27,16 @@ from .data import Batch, ResumableSampler, collate_images
 from .distributed import DistributedProcess, all_gather_objects, all_reduce_sum
 from .run_checkpoints import capture_rng_state, restore_rng_state, save_checkpoint
 
-__all__ = ['NonFiniteLossError', 'LoopConfig', 'TrainSummary', 'Trainer', 'steps_per_epoch']
+__all__ = ['NonFiniteLossError', 'NothingTrainedError', 'LoopConfig', 'TrainSummary', 'Trainer', 'steps_per_epoch']
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the weights of the last good checkpoint are untouched."""
+
+
+class NothingTrainedError(ValueError):
+    """Every micro-batch of an epoch (or of the whole run) was skipped: no image could be read. No checkpoint is
+    written for it."""
 
 
 @dataclass
@@ -59,7 +64,7 @@ class TrainSummary:
     output_dir: str
     steps: int
     epochs_completed: int
-    losses: List[float] = field(default_factory=list)   # loss of every optimizer step run in this call
+    losses: List[float] = field(default_factory=list)   # loss of every optimizer step trained in this call
     epoch_metrics: List[Dict[str, float]] = field(default_factory=list)
     images_skipped: int = 0
     last_checkpoint: Optional[str] = None
@@ -70,14 +75,23 @@ class TrainSummary:
 
 @dataclass
 class StepTotals:
-    """What the micro-batches of the current optimizer step added up to (the loss is the rank mean)."""
-    loss: float = 0.0
+    """What the micro-batches of the current optimizer step added up to: the sum of their losses (each the rank
+    mean), how many had images (a micro-batch whose images were all unreadable is skipped), and the images."""
+    loss_sum: float = 0.0
+    trained: int = 0
     images: int = 0
+    synced: bool = False  # DDP averaged the gradients (in the backward of the step's last micro-batch)
+
+    @property
+    def loss(self) -> Optional[float]:
+        """Mean loss of the micro-batches that trained; ``None`` when every one was skipped."""
+        return self.loss_sum / self.trained if self.trained else None
 
 
 @dataclass
 class EpochLoss:
-    """Sum and count of the optimizer-step losses so far in the current epoch."""
+    """Sum and count of the losses of the optimizer steps trained so far in the current epoch (skipped steps do
+    not count)."""
     total: float = 0.0
     steps: int = 0
 
@@ -171,7 +185,7 @@ class Trainer:
         self._start_time = self._last_step_time = time.time()
         self._bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.process.is_main, unit='step',
                          dynamic_ncols=True, desc='train')
-        with _stop_on_sigint() as stop:
+        with self._bar, _stop_on_sigint() as stop:  # the bar is closed (its line ended) also when the run fails
             while self.epoch < self.loop.epochs:
                 if not self._train_epoch(stop):
                     break
@@ -180,7 +194,7 @@ class Trainer:
 
     def _train_epoch(self, stop: StopRequest) -> bool:
         """The rest of the current epoch. ``False`` when the run stops inside it (Ctrl-C or ``max_steps``), after
-        saving a checkpoint."""
+        saving a checkpoint (:class:`NothingTrainedError` instead if no step of this run trained)."""
         self.train_model.train()
         micro_batches = self.steps_per_epoch * self.loop.accum_iter
         totals = StepTotals()
@@ -194,6 +208,7 @@ class Trainer:
             totals = StepTotals()
             if stop.requested or (self.loop.max_steps and self.step >= self.loop.max_steps):
                 self.summary.interrupted = stop.requested
+                self._require_trained('this run', len(self.summary.losses))
                 self.summary.last_checkpoint = self._save()
                 return False
         return True
@@ -220,8 +235,10 @@ class Trainer:
                 loss = self.loss_fn(self.train_model, images, labels)
             loss_value = self._rank_mean_loss(loss, stop)
             self.scaler.scale(loss / accum).backward()
-        totals.loss += loss_value / accum
+        totals.loss_sum += loss_value
+        totals.trained += 1
         totals.images += images.shape[0]
+        totals.synced = last_of_step
 
     def _rank_mean_loss(self, loss: torch.Tensor, stop: StopRequest) -> float:
         """The loss averaged over ranks, checked before any update; a Ctrl-C on any rank stops every rank."""
@@ -238,22 +255,37 @@ class Trainer:
         return value
 
     def _optimizer_step(self, totals: StepTotals) -> None:
-        """Clip, update the weights (through the gradient scaler), record the step (RNG states, loss, log)."""
-        if self.loop.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.loop.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        """Clip, update the weights (through the gradient scaler), record the step (RNG states, loss, log). A step
+        whose micro-batches were all skipped counts as a step (the schedule and data position advance on every
+        rank alike) but updates nothing and adds no loss."""
+        if totals.trained:
+            if self.process.distributed and not totals.synced:
+                self._average_gradients()
+            if self.loop.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.loop.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.epoch_loss.total += totals.loss
+            self.epoch_loss.steps += 1
+            self.summary.losses.append(totals.loss)
         self.step += 1
         self.rng_after_step = capture_rng_state(self.generators)
-        self.epoch_loss.total += totals.loss
-        self.epoch_loss.steps += 1
-        self.summary.losses.append(totals.loss)
         self._report_step(totals)
 
+    def _average_gradients(self) -> None:
+        """Average the gradients over ranks by hand: DDP does it in the backward of a step's last micro-batch, which
+        did not run when every rank skipped it."""
+        for p in self.model.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.process.world_size
+
     def _end_epoch(self) -> None:
-        """Epoch metrics (mean step loss, ``on_epoch_end``), the log, and the checkpoint when one is due."""
+        """Epoch metrics (mean loss of the trained steps, ``on_epoch_end``), the log, and the checkpoint when one is
+        due; :class:`NothingTrainedError` if no step of the epoch trained."""
+        self._require_trained(f'epoch {self.epoch}', self.epoch_loss.steps)
         metrics = {'epoch': self.epoch, 'train_loss': self.epoch_loss.mean}  # step losses are rank means already
         if self.on_epoch_end is not None:
             metrics.update(self.on_epoch_end(self.epoch))
@@ -269,8 +301,13 @@ class Trainer:
             self.best = metrics[self.best_name] if is_best else self.best
             self.summary.last_checkpoint = self._save(best=is_best)
 
+    def _require_trained(self, scope: str, trained_steps: int) -> None:
+        if not trained_steps:
+            raise NothingTrainedError(
+                f'{scope} trained nothing: every micro-batch was skipped ({self.summary.images_skipped} images '
+                'unreadable or smaller than --min-image-size). No checkpoint was written; check the data.')
+
     def _finish(self) -> TrainSummary:
-        self._bar.close()
         summary = self.summary
         summary.steps, summary.epochs_completed = self.step, self.epoch
         summary.wall_time_s = time.time() - self._start_time
@@ -303,9 +340,10 @@ class Trainer:
         speed = images_per_step / max(now - self._last_step_time, 1e-9)
         self._last_step_time = now
         lr = max(g['lr'] for g in self.optimizer.param_groups)
-        self._bar.set_postfix(epoch=self.epoch, loss=f'{totals.loss:.4f}', lr=f'{lr:.2e}', img_s=f'{speed:.1f}')
+        loss = 'skipped' if totals.loss is None else f'{totals.loss:.4f}'
+        self._bar.set_postfix(epoch=self.epoch, loss=loss, lr=f'{lr:.2e}', img_s=f'{speed:.1f}')
         self._bar.update(1)
-        if self.step % self.loop.log_every == 0:
+        if self.step % self.loop.log_every == 0:  # a skipped step: loss null, images 0
             self._log({'type': 'step', 'step': self.step, 'epoch': self.epoch, 'loss': totals.loss, 'lr': lr,
                        'img_per_s': speed, 'images': totals.images * self.process.world_size,
                        'elapsed_s': now - self._start_time})

@@ -20,16 +20,23 @@ from greenmim.checkpoint import (
     split_mim_state_dict, weights_metadata, wrapper_metadata)
 
 from .run_checkpoints import resolve_checkpoint
+from .validation import check_model_name
 
 __all__ = ['export', 'add_arguments', 'run']
 
 
 def export(checkpoint, output_dir, model: Optional[str] = None, verify: bool = True) -> Dict[str, Path]:
-    """Export ``checkpoint`` (run folder, checkpoint folder or ``.safetensors``) to ``output_dir``.
+    """Export ``checkpoint`` (run folder, checkpoint folder or ``.safetensors``) to the folder ``output_dir``.
 
     ``model`` is the architecture, read from the checkpoint's metadata when not given. With ``verify`` the written
     weights are loaded strictly into ``timm.create_model(model, **model_kwargs)``. Returns the written paths.
     """
+    if model is not None:
+        check_model_name(model)
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f'output folder {out} is an existing file: export writes model.safetensors (and '
+                         f'{DECODER_FILE}) into a folder; pass another --output-dir')
     source = resolve_checkpoint(checkpoint)
     weights, metadata = read_checkpoint(source)
     name = model or metadata.get('model')
@@ -43,7 +50,6 @@ def export(checkpoint, output_dir, model: Optional[str] = None, verify: bool = T
         model_kwargs['num_classes'] = 0
     if verify:
         load_verified(timm.create_model(name, **model_kwargs), encoder, name, source=checkpoint)
-    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {'model': out / WEIGHTS_FILE}
     save_file({k: v.contiguous() for k, v in encoder.items()}, str(paths['model']),

@@ -14,9 +14,9 @@ Python API::
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-import timm
 import torch
 from timm.data import Mixup
+from timm.data.mixup import mixup_target
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import accuracy
 from torch.utils.data import DataLoader, DistributedSampler
@@ -28,7 +28,7 @@ from .config import amp_dtype, config_command
 from .data import build_dataset, collate_images
 from .distributed import DistributedProcess, all_reduce_sum
 from .engine import TrainSummary
-from .run import RunConfig, build_trainer, start_process
+from .run import RunConfig, build_trainer, create_model, run_session
 from .run_checkpoints import resolve_checkpoint
 from .transforms import eval_transform, finetune_transform
 
@@ -123,9 +123,13 @@ def finetune(config: FinetuneConfig) -> TrainSummary:
     """Fine-tune as configured; returns the :class:`~greenmim.train.engine.TrainSummary` (epoch metrics hold
     ``val_top1`` / ``val_top5`` when ``val_data`` is given)."""
     if config.data is None:
-        raise ValueError('finetune needs labelled data (data=...): an ImageFolder-layout folder, Parquet or a '
+        raise ValueError('finetune needs labelled data (--data): an ImageFolder-layout folder, Parquet or a '
                          'Hugging Face dataset with a label column')
-    process = start_process(config)
+    with run_session(config) as process:
+        return _finetune(config, process)
+
+
+def _finetune(config: FinetuneConfig, process) -> TrainSummary:
     common = dict(with_labels=True, data_format=config.data_format, image_column=config.image_column,
                   label_column=config.label_column, min_size=config.min_image_size, seed=config.seed)
     train_tf = (finetune_transform(config.input_size, None, 0.0) if config.linear_probe
@@ -136,12 +140,11 @@ def finetune(config: FinetuneConfig) -> TrainSummary:
                    if config.val_data else None)
     num_classes = config.num_classes or dataset.num_classes
     if not num_classes:
-        raise ValueError('could not tell the number of classes from the data: pass num_classes')
-
-    if 'img_size' in config.model_kwargs:
-        raise ValueError('set the image size with input_size (--input-size), not model_kwargs')
-    model = timm.create_model(config.model, num_classes=num_classes, img_size=config.input_size,
-                              drop_path_rate=0.0 if config.linear_probe else config.drop_path, **config.model_kwargs)
+        raise ValueError('could not tell the number of classes from the data: pass --num-classes')
+    if num_classes < 2:
+        raise ValueError(f'{config.data} has {num_classes} class: a classifier needs at least 2')
+    model = create_model(config.model, num_classes=num_classes, img_size=config.input_size,
+                         drop_path_rate=0.0 if config.linear_probe else config.drop_path, **config.model_kwargs)
     if config.checkpoint:
         load_pretrained_encoder(model, config.checkpoint, config.model)
     elif process.is_main:
@@ -157,8 +160,14 @@ def finetune(config: FinetuneConfig) -> TrainSummary:
     criterion = (SoftTargetCrossEntropy() if mixup else
                  LabelSmoothingCrossEntropy(config.smoothing) if config.smoothing > 0 else torch.nn.CrossEntropyLoss())
 
+    if mixup is not None and config.batch_size == 1 and process.is_main:
+        print('warning: --batch-size 1: Mixup/CutMix need two images per micro-batch, so no image is mixed (each '
+              'is trained on its label-smoothed target)', flush=True)
+
     def loss_fn(net, images, labels):
-        if mixup is not None:
+        if mixup is not None and images.shape[0] == 1:  # no pair to mix (batch size 1, or the others unreadable)
+            labels = mixup_target(labels, num_classes, smoothing=config.smoothing)
+        elif mixup is not None:
             even = images.shape[0] // 2 * 2  # Mixup pairs images: drop an odd one (after skipped images)
             images, labels = mixup(images[:even], labels[:even])
         return criterion(net(images), labels)

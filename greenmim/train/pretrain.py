@@ -10,16 +10,18 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from timm.models import get_arch_name
 from torch.utils.data import IterableDataset
 
 from greenmim.checkpoint import weights_metadata
 from greenmim.mim import GreenMIM, SimMIM
+from greenmim.models.family import FAMILIES
 
 from .config import amp_dtype, config_command, derived_seed
 from .data import build_dataset
 from .engine import TrainSummary
 from .reconstruction import save_reconstruction_grid
-from .run import RunConfig, build_trainer, start_process
+from .run import RunConfig, build_trainer, create_model, run_session
 from .transforms import eval_transform, pretrain_transform
 
 __all__ = ['PretrainConfig', 'pretrain', 'build_mim_model', 'add_arguments', 'run']
@@ -68,16 +70,32 @@ class PretrainConfig(RunConfig):
 
 
 def build_mim_model(config: PretrainConfig) -> torch.nn.Module:
-    """The GreenMIM / SimMIM wrapper of ``config.model`` at ``config.input_size``."""
+    """The GreenMIM / SimMIM wrapper of ``config.model`` at ``config.input_size``; ``ValueError`` if the encoder is
+    not a green model, or the image size does not suit it (mask units, windows) or the mask ratio."""
     if config.method not in METHODS:
-        raise ValueError(f'method must be one of {sorted(METHODS)}, got {config.method!r}')
-    if 'img_size' in config.model_kwargs:
-        raise ValueError('set the image size with input_size (--input-size), not model_kwargs')
-    kwargs = dict(img_size=config.input_size, drop_path_rate=config.drop_path, **config.model_kwargs)
+        raise ValueError(f'--method must be one of {sorted(METHODS)}, got {config.method!r}')
+    green = sorted(m for family in FAMILIES for m in family.models)
+    if ':' not in config.model and get_arch_name(config.model) not in green:  # (local-dir:, hf-hub: checked built)
+        raise ValueError(f'--model {config.model} is not a green model: pre-training needs one of {", ".join(green)}')
+    encoder = create_model(config.model, num_classes=0, img_size=config.input_size, drop_path_rate=config.drop_path,
+                           **config.model_kwargs)
+    _check_encoder_fits(encoder, config)
+    kwargs = {}
     if config.method == 'greenmim':
         kwargs.update(decoder_dim=config.decoder_dim, decoder_depth=config.decoder_depth,
                       norm_pix_loss=config.norm_pix_loss)
-    return METHODS[config.method](config.model, mask_ratio=config.mask_ratio, **kwargs)
+    return METHODS[config.method](encoder, mask_ratio=config.mask_ratio, **kwargs)
+
+
+def _check_encoder_fits(encoder: torch.nn.Module, config: PretrainConfig) -> None:
+    if not hasattr(encoder, 'forward_visible'):
+        raise ValueError(f'--model {config.model} builds {type(encoder).__name__}, not a green model')
+    unit = encoder.mask_unit_size
+    if config.input_size % unit:
+        raise ValueError(f'--input-size {config.input_size} is not a multiple of the {unit}-pixel mask unit of '
+                         f'{config.model}')
+    grid = config.input_size // unit
+    encoder.check_mask(torch.ones(grid, grid, dtype=torch.bool))  # every stage grid must hold whole windows
 
 
 def _preview_batch(dataset, count: int, input_size: int) -> Optional[torch.Tensor]:
@@ -102,15 +120,21 @@ def pretrain(config: PretrainConfig) -> TrainSummary:
     the loss on the masked ones; the shared :class:`~greenmim.train.engine.Trainer` does the rest.
 
     Raises:
+        ValueError: an unusable setting, model or output folder (before any data is read or file written), or
+            data of which nothing could be trained.
         NonFiniteLossError: the loss became NaN/inf (the last checkpoint is left as it was).
     """
-    process = start_process(config)
+    with run_session(config) as process:
+        return _pretrain(config, process)
+
+
+def _pretrain(config: PretrainConfig, process) -> TrainSummary:
+    model = build_mim_model(config).to(process.device)  # checks the sizes before any data is read
     mask_generator = torch.Generator().manual_seed(derived_seed(config.seed, process.rank, 2))
     dataset = build_dataset(
         config.data, pretrain_transform(config.input_size), data_format=config.data_format, split=config.split,
         streaming=config.streaming, image_column=config.image_column, min_size=config.min_image_size,
         seed=config.seed, epoch_size=config.epoch_size, rank=process.rank, world_size=process.world_size)
-    model = build_mim_model(config).to(process.device)
 
     def loss_fn(net, images, labels):
         return net(images, generator=mask_generator).loss

@@ -8,22 +8,26 @@ fields (``lr``, ``blr``, ``weight_decay``, ``betas``, ``epochs``, ``warmup_epoch
 :class:`~greenmim.train.engine.LoopConfig`, which both configs define with their own defaults.
 """
 import json
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
+import timm
 import torch
 
 from greenmim.checkpoint import check_written_for, load_verified, read_checkpoint
 
 from .config import amp_dtype, derived_seed
-from .distributed import DistributedProcess, init_distributed
+from .distributed import DistributedProcess, all_reduce_sum, init_distributed
 from .engine import LoopConfig, Trainer, steps_per_epoch
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .run_checkpoints import read_training_state, resolve_checkpoint
+from .run_folder import claim_run_folder
+from .validation import check_config
 
-__all__ = ['RunConfig', 'start_process', 'build_trainer']
+__all__ = ['RunConfig', 'start_process', 'run_session', 'create_model', 'build_trainer']
 
 
 @dataclass
@@ -37,6 +41,7 @@ class RunConfig:
     max_steps: Optional[int] = None
     keep_last: int = 2
     log_every: int = 1
+    overwrite: bool = False              # replace a run already in output_dir (refused otherwise)
 
 
 def start_process(config: RunConfig) -> DistributedProcess:
@@ -45,6 +50,46 @@ def start_process(config: RunConfig) -> DistributedProcess:
     torch.manual_seed(derived_seed(config.seed, process.rank, 0))
     np.random.seed(derived_seed(config.seed, process.rank, 1) % 2 ** 32)
     return process
+
+
+@contextmanager
+def run_session(config) -> Iterator[DistributedProcess]:
+    """Everything before a run's own work: :func:`~greenmim.train.validation.check_config` (a ``ValueError`` for
+    any unusable setting), :func:`start_process`, and, on rank 0, holding ``config.output_dir`` for the run
+    (:func:`~greenmim.train.run_folder.claim_run_folder`: a folder holding another run is refused unless resumed
+    or ``overwrite``; a folder in use by another run is refused). Every rank raises when rank 0 refuses."""
+    check_config(config)
+    process = start_process(config)
+    with ExitStack() as held:
+        refusal = None
+        if process.is_main:
+            try:
+                held.enter_context(claim_run_folder(config.output_dir, config.resume, config.overwrite))
+            except (ValueError, OSError) as e:  # raised on every rank below, so none waits for the others
+                refusal = e
+        refused = all_reduce_sum(torch.tensor([float(refusal is not None)], device=process.device), process)
+        if refused.item():
+            raise refusal or ValueError(f'rank 0 refused the output folder {config.output_dir}')
+        yield process
+
+
+def create_model(name: str, **kwargs) -> torch.nn.Module:
+    """``timm.create_model(name, **kwargs)``; keyword arguments the model does not take are a ``ValueError`` that
+    points at ``--model-kwargs`` (timm raises ``TypeError``)."""
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:
+        raise ValueError(f'--model {name} does not take these arguments ({e}): check --model-kwargs') from e
+
+
+def _check_work_left(config, trainer: Trainer) -> None:
+    """A resumed run must have steps left before ``max_steps`` and ``epochs``."""
+    if config.max_steps is not None and config.max_steps <= trainer.step:
+        raise ValueError(f'--max-steps {config.max_steps} is not above step {trainer.step}, where {config.resume} '
+                         'resumes: nothing to train (pass a larger --max-steps)')
+    if trainer.epoch >= config.epochs:
+        raise ValueError(f'{config.resume} has completed {trainer.epoch} of --epochs {config.epochs}: nothing to '
+                         'train (pass a larger --epochs to continue)')
 
 
 def _resume_weights(model: torch.nn.Module, config) -> None:
@@ -106,6 +151,7 @@ def build_trainer(
                       on_epoch_end=on_epoch_end, best_metric=best_metric, generators=generators)
     if config.resume:
         trainer.load_state_dict(read_training_state(config.resume))
+        _check_work_left(config, trainer)
     if process.is_main:
         output_dir = Path(config.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -8,10 +8,16 @@ Layout::
                                         config, metric history (torch.load(weights_only=True) safe)
     last.json, best.json                {"checkpoint": "step-00000120", "step": 120, ...}
 
-A checkpoint folder is assembled under a temporary name and renamed into place (``os.replace``), and a pointer is
-replaced only after its checkpoint is complete: an interrupted write leaves the previous checkpoint and pointers
-intact.
+A checkpoint folder is assembled under a temporary name (``.step-N.tmp``) and renamed into place (``os.replace``),
+and a pointer is replaced only after its checkpoint is complete: an interrupted write leaves the previous checkpoint
+and pointers intact. Overwriting an existing ``step-N`` renames it to ``.step-N.old`` first and deletes that only
+after the new folder is in place; if the process dies between the two renames, readers take ``.step-N.old`` and the
+next save puts it back. A checkpoint is deleted by renaming it to ``.step-N.trash`` first, so an interrupted
+deletion never leaves a half-deleted folder under a checkpoint's name. Each save first clears what an interrupted one
+left (``.tmp``, ``.trash``, ``.old``). A failed write (disk full) removes its partial folder and raises
+:class:`CheckpointWriteError`; the previous checkpoint and pointers stay as they were.
 """
+import errno
 import json
 import os
 import random
@@ -23,12 +29,16 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from greenmim.checkpoint import WEIGHTS_FILE
+from greenmim.checkpoint import WEIGHTS_FILE, load_torch_file
 
-__all__ = ['STATE_FILE', 'capture_rng_state', 'restore_rng_state', 'save_checkpoint', 'resolve_checkpoint',
-           'read_training_state']
+__all__ = ['STATE_FILE', 'CheckpointWriteError', 'capture_rng_state', 'restore_rng_state', 'save_checkpoint',
+           'resolve_checkpoint', 'training_state_file', 'read_training_state']
 
 STATE_FILE = 'training_state.pt'
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous checkpoint and pointers are intact."""
 
 
 def capture_rng_state(generators: Mapping[str, torch.Generator] = None) -> Dict[str, Any]:
@@ -59,10 +69,53 @@ def restore_rng_state(state: Dict[str, Any], generators: Mapping[str, torch.Gene
             generator.set_state(state[name])
 
 
+def _write_failed(what: str, root: Path, error: OSError) -> CheckpointWriteError:
+    cause = 'the disk is full' if error.errno == errno.ENOSPC else (error.strerror or str(error))
+    return CheckpointWriteError(
+        f'could not write {what} in {root}: {cause}. The partial files were removed; the previous checkpoint and '
+        'last.json / best.json are unchanged (free space, then --resume)')
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(json.dumps(obj, indent=1))
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_failed(path.name, path.parent, e) from e
     os.replace(tmp, path)
+
+
+def _clear_interrupted_saves(root: Path) -> None:
+    """Remove what an interrupted save or deletion left in ``root``; put back a ``step-N`` that an overwrite had
+    moved aside when the new one never arrived."""
+    for leftover in [*root.glob('.step-*.tmp'), *root.glob('.step-*.trash')]:
+        shutil.rmtree(leftover)
+    for leftover in root.glob('.*.json.tmp'):
+        leftover.unlink()
+    for previous in root.glob('.step-*.old'):
+        final = root / previous.name[1:-len('.old')]
+        if final.exists():
+            shutil.rmtree(previous)
+        else:
+            os.replace(previous, final)
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the complete ``tmp`` to ``final``; an existing ``final`` is moved aside first and deleted after."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    previous = final.with_name(f'.{final.name}.old')
+    os.replace(final, previous)
+    os.replace(tmp, final)
+    shutil.rmtree(previous)
+
+
+def _delete(folder: Path) -> None:
+    trash = folder.with_name(f'.{folder.name}.trash')
+    os.replace(folder, trash)
+    shutil.rmtree(trash)
 
 
 def save_checkpoint(
@@ -76,29 +129,51 @@ def save_checkpoint(
         pointer_fields: Optional[Dict[str, Any]] = None,
 ) -> Path:
     """Write ``root/step-<step>/`` atomically, point ``last.json`` (and ``best.json`` if ``best``) at it and delete
-    all but the newest ``keep_last`` checkpoints (the best one is always kept). Returns the checkpoint folder."""
+    all but the newest ``keep_last`` checkpoints (the best one is always kept). Returns the checkpoint folder.
+
+    Raises:
+        CheckpointWriteError: writing failed (e.g. the disk is full); nothing partial is left behind.
+    """
     root.mkdir(parents=True, exist_ok=True)
+    _clear_interrupted_saves(root)
     name = f'step-{step:08d}'
     final, tmp = root / name, root / f'.{name}.tmp'
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE), metadata)
-    torch.save(training_state, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE), metadata)
+        torch.save(training_state, tmp / STATE_FILE)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(f'checkpoint {name}', root, e) from e
+    _move_into_place(tmp, final)
     pointer = dict(checkpoint=name, step=step, **(pointer_fields or {}))
     _write_json(root / 'last.json', pointer)
     if best:
         _write_json(root / 'best.json', pointer)
     keep = {name}
     if (root / 'best.json').exists():
-        keep.add(json.loads((root / 'best.json').read_text())['checkpoint'])
+        keep.add(_pointed_name(root, 'best.json'))
     older = sorted(p.name for p in root.glob('step-*') if p.is_dir())
     for old in older[:max(len(older) - keep_last, 0)]:
         if old not in keep:
-            shutil.rmtree(root / old)
+            _delete(root / old)
     return final
+
+
+def _pointed_name(folder: Path, pointer: str) -> str:
+    path = folder / pointer
+    try:
+        return json.loads(path.read_text())['checkpoint']
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f'{path} is not a checkpoint pointer ({{"checkpoint": "step-..."}}): {e}') from e
+
+
+def _pointed_checkpoint(folder: Path) -> Path:
+    """The checkpoint folder ``folder/last.json`` points at (its ``.old`` copy while an overwrite of it was
+    interrupted between its two renames)."""
+    name = _pointed_name(folder, 'last.json')
+    target, previous = folder / name, folder / f'.{name}.old'
+    return previous if not target.is_dir() and previous.is_dir() else target
 
 
 def resolve_checkpoint(path) -> Path:
@@ -115,13 +190,22 @@ def resolve_checkpoint(path) -> Path:
         if (folder / WEIGHTS_FILE).is_file():
             return folder / WEIGHTS_FILE
         if (folder / 'last.json').is_file():
-            return folder / json.loads((folder / 'last.json').read_text())['checkpoint'] / WEIGHTS_FILE
+            return _pointed_checkpoint(folder) / WEIGHTS_FILE
     raise FileNotFoundError(f'no {WEIGHTS_FILE} or last.json pointer in {str(path)!r}')
+
+
+def training_state_file(path) -> Path:
+    """The training state file beside the weights of the checkpoint at ``path`` (see :func:`resolve_checkpoint`);
+    ``FileNotFoundError`` if either is missing."""
+    weights = resolve_checkpoint(path)
+    if not weights.is_file():
+        raise FileNotFoundError(f'{str(weights)!r} not found: the checkpoint {str(path)!r} points at has no weights')
+    file = weights.with_name(STATE_FILE)
+    if not file.is_file():
+        raise FileNotFoundError(f'{str(file)!r} not found: the checkpoint has no training state to resume from')
+    return file
 
 
 def read_training_state(path) -> Dict[str, Any]:
     """The training state stored beside the weights of the checkpoint at ``path`` (see :func:`resolve_checkpoint`)."""
-    file = resolve_checkpoint(path).with_name(STATE_FILE)
-    if not file.is_file():
-        raise FileNotFoundError(f'{str(file)!r} not found: the checkpoint has no training state to resume from')
-    return torch.load(file, map_location='cpu', weights_only=True)
+    return load_torch_file(training_state_file(path))
