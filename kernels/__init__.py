@@ -30,7 +30,8 @@ _IMPLEMENTATIONS = {'torch': group_window_attention_reference, 'triton': group_w
 def group_window_attention(qkv: torch.Tensor, *args, backend: Optional[str] = None) -> torch.Tensor:
     """Group window attention ``qkv [T, 3, H, D] -> [T, H, D]`` on the backend chosen for ``qkv``
     (:func:`~greenmim.kernels.backend.resolve_backend`); the other arguments are those of
-    :func:`group_window_attention_reference`, passed on unchanged."""
+    :func:`group_window_attention_reference`, passed on unchanged (``bias_table=None``: no relative position
+    bias; ``position`` and ``window_size`` may then be None)."""
     return _IMPLEMENTATIONS[resolve_backend(qkv, backend)](qkv, *args)
 
 

@@ -16,13 +16,20 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_HEAD_DIM = 128
 
 
+def _check_slot_map(name: str, t: torch.Tensor, index: torch.Tensor) -> None:
+    if t.dtype != torch.int32 or t.ndim != 2:
+        raise ValueError(f'{name} must be an int32 [G, S] tensor, got {t.dtype} {tuple(t.shape)}')
+    if t.shape != index.shape:
+        raise ValueError(f'{name} has shape {tuple(t.shape)}, index has {tuple(index.shape)}')
+
+
 def check_group_attention_inputs(
         qkv: torch.Tensor,
         index: torch.Tensor,
         segment: torch.Tensor,
-        position: torch.Tensor,
-        bias_table: torch.Tensor,
-        window_size: Tuple[int, int],
+        position: Optional[torch.Tensor],
+        bias_table: Optional[torch.Tensor],
+        window_size: Optional[Tuple[int, int]],
 ) -> None:
     """Raise ``ValueError`` naming the problem unless the arguments suit the kernels (see the reference)."""
     if qkv.ndim != 4 or qkv.shape[1] != 3:
@@ -31,19 +38,23 @@ def check_group_attention_inputs(
         raise ValueError(f'qkv must be one of {_DTYPES}, got {qkv.dtype}')
     if qkv.shape[-1] > _MAX_HEAD_DIM:
         raise ValueError(f'head_dim {qkv.shape[-1]} is above the supported {_MAX_HEAD_DIM}')
-    for name, t in (('index', index), ('segment', segment), ('position', position)):
-        if t.dtype != torch.int32 or t.ndim != 2:
-            raise ValueError(f'{name} must be an int32 [G, S] tensor, got {t.dtype} {tuple(t.shape)}')
-        if t.shape != index.shape:
-            raise ValueError(f'{name} has shape {tuple(t.shape)}, index has {tuple(index.shape)}')
-    wh, ww = window_size
-    if (2 * wh - 1) * (2 * ww - 1) != bias_table.shape[0] or bias_table.ndim != 2 or bias_table.shape[1] != qkv.shape[2]:
-        raise ValueError(
-            f'bias_table must be [(2*{wh}-1)*(2*{ww}-1), H={qkv.shape[2]}] = '
-            f'[{(2 * wh - 1) * (2 * ww - 1)}, {qkv.shape[2]}], got {tuple(bias_table.shape)}')
-    if not bias_table.is_floating_point():
-        raise ValueError(f'bias_table must be floating point, got {bias_table.dtype}')
-    devices = {t.device for t in (qkv, index, segment, position, bias_table)}
+    _check_slot_map('index', index, index)
+    _check_slot_map('segment', segment, index)
+    tensors = [qkv, index, segment]
+    if bias_table is not None:
+        if position is None or window_size is None:
+            raise ValueError('a bias_table needs position and window_size')
+        _check_slot_map('position', position, index)
+        wh, ww = window_size
+        rows = (2 * wh - 1) * (2 * ww - 1)
+        if bias_table.ndim != 2 or bias_table.shape != (rows, qkv.shape[2]):
+            raise ValueError(
+                f'bias_table must be [(2*{wh}-1)*(2*{ww}-1), H={qkv.shape[2]}] = [{rows}, {qkv.shape[2]}], '
+                f'got {tuple(bias_table.shape)}')
+        if not bias_table.is_floating_point():
+            raise ValueError(f'bias_table must be floating point, got {bias_table.dtype}')
+        tensors += [position, bias_table]
+    devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f'all tensors must be on one device, got {sorted(map(str, devices))}')
     if not qkv.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
@@ -65,14 +76,15 @@ def _forward_op(
         qkv: torch.Tensor,
         index: torch.Tensor,
         segment: torch.Tensor,
-        position: torch.Tensor,
-        bias_table: torch.Tensor,
+        position: Optional[torch.Tensor],
+        bias_table: Optional[torch.Tensor],
         window_h: int,
         window_w: int,
         scale: float,
         deterministic: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(out [T, H, D], lse [G, H, S] fp32)``; ``deterministic`` selects the backward's bias-gradient mode."""
+    """``(out [T, H, D], lse [G, H, S] fp32)``; ``deterministic`` selects the backward's bias-gradient mode.
+    Without a bias table, ``position`` and the window are unused."""
     return _kernels(qkv).group_attention_forward(
         qkv, index, segment, position, bias_table, (window_h, window_w), scale)
 
@@ -92,21 +104,23 @@ def _backward_op(
         lse: torch.Tensor,
         index: torch.Tensor,
         segment: torch.Tensor,
-        position: torch.Tensor,
-        bias_table: torch.Tensor,
+        position: Optional[torch.Tensor],
+        bias_table: Optional[torch.Tensor],
         window_h: int,
         window_w: int,
         scale: float,
         deterministic: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(dqkv [T, 3, H, D], dbias [(2Wh-1)(2Ww-1), H])``."""
-    return _kernels(qkv).group_attention_backward(
+    """``(dqkv [T, 3, H, D], dbias [(2Wh-1)(2Ww-1), H])``; without a bias table ``dbias`` is an empty ``[0]`` tensor
+    (a custom op cannot return None)."""
+    dqkv, dbias = _kernels(qkv).group_attention_backward(
         dout, qkv, out, lse, index, segment, position, bias_table, (window_h, window_w), scale, deterministic)
+    return dqkv, dbias if dbias is not None else qkv.new_empty(0)
 
 
 @_backward_op.register_fake
 def _(dout, qkv, out, lse, index, segment, position, bias_table, window_h, window_w, scale, deterministic):
-    return qkv.new_empty(qkv.shape), torch.empty_like(bias_table)
+    return qkv.new_empty(qkv.shape), torch.empty_like(bias_table) if bias_table is not None else qkv.new_empty(0)
 
 
 def _setup_context(ctx, inputs, output):
@@ -117,13 +131,14 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
     ctx.deterministic = deterministic
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zeros for the gradient of lse (never used)
 
 
 def _backward(ctx, dout, dlse):
     qkv, index, segment, position, bias_table, out, lse = ctx.saved_tensors
     dqkv, dbias = _backward_op(
         dout, qkv, out, lse, index, segment, position, bias_table, *ctx.window_size, ctx.scale, ctx.deterministic)
-    return dqkv, None, None, None, dbias, None, None, None, None
+    return dqkv, None, None, None, dbias if bias_table is not None else None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -133,14 +148,15 @@ def group_window_attention_triton(
         qkv: torch.Tensor,
         index: torch.Tensor,
         segment: torch.Tensor,
-        position: torch.Tensor,
-        bias_table: torch.Tensor,
-        window_size: Tuple[int, int],
+        position: Optional[torch.Tensor],
+        bias_table: Optional[torch.Tensor],
+        window_size: Optional[Tuple[int, int]],
         scale: float,
         deterministic: Optional[bool] = None,
 ) -> torch.Tensor:
     """Group window attention ``qkv [T, 3, H, D] -> [T, H, D]`` on the Triton kernels, differentiable in ``qkv``
-    and ``bias_table``; arguments as :func:`~greenmim.kernels.reference.group_window_attention_reference`.
+    and ``bias_table``; arguments as :func:`~greenmim.kernels.reference.group_window_attention_reference`
+    (``bias_table=None``: no bias, ``position`` and ``window_size`` unused).
 
     ``deterministic``: bitwise-reproducible bias-table gradient (no atomics); ``None`` follows
     ``torch.are_deterministic_algorithms_enabled()``. q/k/v and their gradients never use atomics.
@@ -148,7 +164,9 @@ def group_window_attention_triton(
     check_group_attention_inputs(qkv, index, segment, position, bias_table, window_size)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
+    has_bias = bias_table is not None
+    wh, ww = window_size if has_bias else (0, 0)
     out, _ = _forward_op(
-        qkv, index.contiguous(), segment.contiguous(), position.contiguous(), bias_table,
-        int(window_size[0]), int(window_size[1]), float(scale), bool(deterministic))
+        qkv, index.contiguous(), segment.contiguous(), position.contiguous() if has_bias else None, bias_table,
+        int(wh), int(ww), float(scale), bool(deterministic))
     return out

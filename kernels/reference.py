@@ -24,20 +24,22 @@ def group_window_attention_reference(
         qkv: torch.Tensor,
         index: torch.Tensor,
         segment: torch.Tensor,
-        position: torch.Tensor,
-        bias_table: torch.Tensor,
-        window_size: Tuple[int, int],
+        position: Optional[torch.Tensor],
+        bias_table: Optional[torch.Tensor],
+        window_size: Optional[Tuple[int, int]],
         scale: float,
 ) -> torch.Tensor:
-    """Attention inside groups of token slots with a block-diagonal (same-segment) mask and relative position bias.
+    """Attention inside groups of token slots with a block-diagonal (same-segment) mask and, optionally, Swin's
+    relative position bias.
 
     Args:
         qkv: ``[T, 3, H, D]`` projections of the ``T`` visible tokens (token order).
         index: int ``[G, S]`` token of each slot, -1 for padding; every token occupies exactly one slot.
         segment: int ``[G, S]`` segment of each slot; slots attend to slots of the same segment in their group.
-        position: int ``[G, S]`` in-window position ``row * Ww + col`` of each slot.
-        bias_table: ``[(2Wh-1)(2Ww-1), H]`` Swin relative position bias table.
-        window_size: ``(Wh, Ww)``.
+        position: int ``[G, S]`` in-window position ``row * Ww + col`` of each slot (unused without a bias table).
+        bias_table: ``[(2Wh-1)(2Ww-1), H]`` Swin relative position bias table, or None for no bias (e.g. Twins'
+            locally-grouped attention).
+        window_size: ``(Wh, Ww)`` (unused without a bias table).
         scale: softmax scale applied to ``q``.
 
     Returns:
@@ -48,9 +50,11 @@ def group_window_attention_reference(
     groups, size = index.shape
     slots = qkv.index_select(0, index.clamp_min(0).flatten().long()).view(groups, size, 3, heads, dim)
     q, k, v = slots.permute(2, 0, 3, 1, 4).unbind(0)  # [G, H, S, D]
-    rel = relative_position_index(position.long(), window_size)
-    bias = bias_table.index_select(0, rel.flatten()).view(groups, size, size, -1)  # [G, S, S, H]
-    scores = (q * scale) @ k.transpose(-2, -1) + bias.permute(0, 3, 1, 2).to(q.dtype)
+    scores = (q * scale) @ k.transpose(-2, -1)
+    if bias_table is not None:
+        rel = relative_position_index(position.long(), window_size)
+        bias = bias_table.index_select(0, rel.flatten()).view(groups, size, size, -1)  # [G, S, S, H]
+        scores = scores + bias.permute(0, 3, 1, 2).to(q.dtype)
     allowed = (segment[:, :, None] == segment[:, None, :]) & valid[:, None, :]
     # padding rows attend to themselves only: finite, and dropped below
     allowed |= torch.eye(size, dtype=torch.bool, device=index.device) & ~valid[:, :, None]

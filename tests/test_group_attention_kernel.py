@@ -58,22 +58,30 @@ def _inputs(layout, num_tokens, heads, head_dim, dtype, seed=0, device='cpu'):
 
 
 def _attention_and_grads(fn, qkv, table, layout, scale, dout, **kwargs):
+    """``(out, dqkv, dbias)`` of ``fn``; ``table=None``: no bias (``dbias`` None, position and window not passed)."""
     qkv = qkv.detach().requires_grad_()
-    table = table.detach().requires_grad_()
-    out = fn(qkv, layout.index, layout.segment, layout.position, table, layout.window_size, scale, **kwargs)
+    if table is not None:
+        table = table.detach().requires_grad_()
+        position, window = layout.position, layout.window_size
+    else:
+        position, window = None, None
+    out = fn(qkv, layout.index, layout.segment, position, table, window, scale, **kwargs)
     out.backward(dout)
-    return out.detach(), qkv.grad, table.grad
+    return out.detach(), qkv.grad, table.grad if table is not None else None
 
 
-def _check_against_reference(layout, num_tokens, heads, head_dim, dtype, seed=0, device='cpu'):
+def _check_against_reference(layout, num_tokens, heads, head_dim, dtype, seed=0, device='cpu', bias=True):
     qkv, table = _inputs(layout, num_tokens, heads, head_dim, dtype, seed, device)
+    table = table if bias else None
     scale = head_dim ** -0.5
     dout = torch.randn(num_tokens, heads, head_dim, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
     ours = _attention_and_grads(group_window_attention_triton, qkv, table, layout, scale, dout)
-    ref = _attention_and_grads(
-        group_window_attention_reference, qkv.double(), table.double(), layout, scale, dout.double())
+    ref = _attention_and_grads(group_window_attention_reference, qkv.double(),
+                               table.double() if bias else None, layout, scale, dout.double())
     atol, rtol = TOLERANCES[dtype]
-    for name, a, b in zip(('out', 'dqkv', 'dbias'), ours, ref):
+    if not bias:
+        assert ours[2] is None and ref[2] is None
+    for name, a, b in list(zip(('out', 'dqkv', 'dbias'), ours, ref))[:3 if bias else 2]:
         assert a.dtype == dtype, name
         # gradients scale with the number of summed terms: tolerances relative to the tensor's largest entry
         torch.testing.assert_close(a.double(), b, atol=atol * max(1., b.abs().max().item()), rtol=rtol, msg=name)
@@ -105,6 +113,17 @@ def test_matches_reference_low_precision(dtype):
 def test_head_dims_padded_to_power_of_two(head_dim):
     layout, num_tokens = _layout((8, 8), (4, 4), (2, 2))
     _check_against_reference(layout, num_tokens, heads=1, head_dim=head_dim, dtype=torch.float32)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('window, shift, group_size', [
+    ((7, 7), (3, 3), None),  # one tile: dq in the dk/dv kernel
+    ((7, 7), (0, 0), 70),  # two tiles: the dq kernel
+])
+def test_no_bias_matches_reference(dtype, window, shift, group_size):
+    """``bias_table=None`` (Twins' locally-grouped attention): output and dqkv against the reference, no dbias."""
+    layout, num_tokens = _layout((14, 14), window, shift, group_size=group_size)
+    _check_against_reference(layout, num_tokens, heads=2, head_dim=32, dtype=dtype, seed=5, bias=False)
 
 
 def test_scrambled_slots_single_token_segments_and_padded_group():
@@ -156,11 +175,15 @@ def test_opcheck():
     args = (qkv.requires_grad_(), layout.index, layout.segment, layout.position, table.requires_grad_(), 4, 4, 0.25)
     for deterministic in (False, True):
         torch.library.opcheck(torch.ops.greenmim.group_window_attention.default, (*args, deterministic))
+    no_bias = (qkv, layout.index, layout.segment, None, None, 0, 0, 0.25, False)
+    torch.library.opcheck(torch.ops.greenmim.group_window_attention.default, no_bias)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize('bias', [True, False])
+def test_torch_compile_fullgraph(bias):
     layout, num_tokens = _layout((14, 14), (7, 7), (3, 3))
     qkv, table = _inputs(layout, num_tokens, 2, 16, torch.float32)
+    table = table if bias else None
     dout = torch.randn(num_tokens, 2, 16)
 
     def attention(qkv, index, segment, position, table, window_size, scale):
@@ -170,7 +193,10 @@ def test_torch_compile_fullgraph():
     eager = _attention_and_grads(attention, qkv, table, layout, 0.3, dout)
     traced = _attention_and_grads(compiled, qkv, table, layout, 0.3, dout)
     for a, b in zip(traced, eager):
-        torch.testing.assert_close(a, b)
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b)
 
 
 def test_green_swin_blocks_compile_fullgraph_on_triton_backend(monkeypatch):
@@ -209,38 +235,48 @@ def test_bad_inputs_raise_value_error():
         group_window_attention_triton(torch.zeros(num_tokens, 3, 2, 256), *args[1:])
     with pytest.raises(ValueError, match='float'):
         group_window_attention_triton(qkv.double(), *args[1:])
+    with pytest.raises(ValueError, match='position'):
+        group_window_attention_triton(qkv, layout.index, layout.segment, None, table, layout.window_size, 0.25)
+    with pytest.raises(ValueError, match='segment'):
+        group_window_attention_triton(qkv, layout.index, layout.segment[:, :-1], None, None, None, 0.25)
 
 
-_COMPILE_FOR_SM90 = """
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from greenmim.kernels import group_attention as ga
-assert not ga.INTERPRETED
-pointers = dict(qkv='*bf16', out='*bf16', dout='*bf16', dqkv='*bf16', lse='*fp32', delta='*fp32',
-                dbias_partial='*fp32', bias_table='*fp32', index='*i32', segment='*i32', position='*i32')
-def build(kernel, **constexprs):
-    signature = {n: 'constexpr' if n in constexprs else pointers.get(n, 'fp32' if 'scale' in n else 'i32')
-                 for n in kernel.arg_names}
-    triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs), target=GPUTarget('cuda', 90, 32))
-for group_size in (49, 100):
-    config = dict(ga._launch_config(torch.empty(1, 3, 1, 32, dtype=torch.bfloat16), group_size), WINDOW_H=7,
-                  WINDOW_W=7)
-    build(ga._group_attention_fwd_kernel, **config)
-    single = group_size <= config['BLOCK']
-    build(ga._group_attention_bwd_kv_kernel, DETERMINISTIC=single, SINGLE_TILE=single, **config)
-    build(ga._group_attention_bwd_q_kernel, **config)
-print('compiled')
+_SPILL_CHECK = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import compile_report as cr
+reason = cr.ptxas_unavailable()
+if reason:
+    print(json.dumps(dict(skip=reason)))
+    raise SystemExit
+cases = [  # every kernel variant: one-tile, several-tile and 16-slot groups, each dtype, head_dim 32/64, both modes
+    dict(dtype=torch.bfloat16, head_dim=32, group_size=49),
+    dict(dtype=torch.float16, head_dim=64, group_size=100, deterministic=True),
+    dict(dtype=torch.float32, head_dim=64, group_size=49, has_bias=False),
+    dict(dtype=torch.bfloat16, head_dim=32, group_size=12),
+]
+rows = cr.report(dict(group_attention=cr.Entry(cr.group_attention_case, cases)), [80, 90], log=lambda *a: None)
+print(json.dumps(dict(rows=rows), default=str))
 """
 
 
-def test_kernels_compile_for_sm90():
-    """The compiled path (Triton -> PTX -> cubin with the bundled ptxas) builds without a GPU: it catches what the
-    interpreter lets through (types, layouts, constexpr use)."""
+def test_kernels_compile_without_spills():
+    """Every kernel variant, at the launch configs the code picks, compiles for sm_80 and sm_90 (Triton -> PTX ->
+    the ptxas bundled with Triton; no GPU needed) without spilling registers to local memory. Compiling also catches
+    what the interpreter lets through (types, layouts, constexpr use)."""
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    proc = subprocess.run([sys.executable, '-c', _COMPILE_FOR_SM90], env=env, capture_output=True, text=True)
-    if 'ptxas' in proc.stderr and 'not found' in proc.stderr.lower():
-        pytest.skip('no ptxas in this Triton install')
-    assert proc.returncode == 0 and 'compiled' in proc.stdout, proc.stderr[-3000:]
+    benchmarks = os.path.join(os.path.dirname(__file__), '..', 'benchmarks')
+    proc = subprocess.run([sys.executable, '-c', _SPILL_CHECK, benchmarks], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    if 'skip' in result:
+        pytest.skip(result['skip'])
+    kernels = {(row['kernel'], row['arch']) for row in result['rows']}
+    assert {kernel for kernel, _ in kernels} == {
+        '_group_attention_fwd_kernel', '_group_attention_bwd_kv_kernel', '_group_attention_bwd_q_kernel'}
+    assert {arch for _, arch in kernels} == {'sm_80', 'sm_90'}
+    spilled = [row for row in result['rows'] if row['usage']['spill_store_bytes'] or row['usage']['spill_load_bytes']]
+    assert not spilled, json.dumps(spilled, indent=1)
 
 
 def test_benchmark_smoke(tmp_path):
