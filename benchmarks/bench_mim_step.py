@@ -33,11 +33,14 @@ def _step(mim, opt, images, generator, amp):
     return loss
 
 
-def measure(method: str, model: str, batch_size: int, steps: int, warmup: int, device: str, amp: str) -> dict:
+def measure(method: str, model: str, batch_size: int, steps: int, warmup: int, device: str, amp: str,
+            **model_kwargs) -> dict:
+    """FLOPs, median step time (and peak CUDA memory) of ``method`` (``'GreenMIM'`` / ``'SimMIM'``) around
+    ``timm.create_model(model, **model_kwargs)`` on random images of the model's size."""
     torch.manual_seed(0)
-    mim = getattr(greenmim, method)(model).to(device).train()
+    mim = getattr(greenmim, method)(model, **model_kwargs).to(device).train()
     opt = torch.optim.AdamW(mim.parameters(), lr=1e-4)
-    images = torch.randn(batch_size, 3, 224, 224, device=device)
+    images = torch.randn(batch_size, 3, *mim.encoder.patch_embed.img_size, device=device)
     gen = torch.Generator().manual_seed(0)
     with FlopCounterMode(display=False) as counter:
         loss = mim(images, generator=gen).loss
