@@ -38,6 +38,17 @@ def test_every_notebook_is_tested_and_committed_without_outputs():
             assert cell.outputs == [] and cell.execution_count is None, f'{name}: outputs committed'
 
 
+def test_weights_overlay_names_each_kind_of_source(tmp_path):
+    from greenmim.hub.sources import weights_overlay
+    assert weights_overlay('org/name') == dict(hf_hub_id='org/name')
+    assert weights_overlay(f'local-dir:{tmp_path}') == dict(source='local-dir', file=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match='no such file'):
+        weights_overlay(str(tmp_path / 'missing' / 'model.safetensors'))
+    (tmp_path / 'authors.pth').write_bytes(b'')
+    with pytest.raises(ValueError, match='greenmim convert'):
+        weights_overlay(str(tmp_path / 'authors.pth'))
+
+
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
     """A tiny GreenMIM pre-trained for one epoch on the shipped photos (``greenmim pretrain``)."""
