@@ -12,14 +12,12 @@ import math
 import os
 from pathlib import Path
 
+import nbclient
+import nbformat
 import pytest
 import torch
-
-nbformat = pytest.importorskip('nbformat')
-nbclient = pytest.importorskip('nbclient')
-
-from test_hub_convert import authors_greenmim, early_merge_weights  # noqa: E402
-from train_fixtures import make_two_class_folder  # noqa: E402
+from test_hub_convert import authors_greenmim, early_merge_weights
+from train_fixtures import make_two_class_folder
 
 EXAMPLES = Path(__file__).resolve().parents[1] / 'examples'
 NOTEBOOKS = ('convert_official', 'finetune', 'reconstruct', 'speed')
