@@ -36,10 +36,16 @@ def _step(mim, opt, images, generator, amp):
     return loss
 
 
-def _build(method: str, model: str, device: str):
+def _build(method: str, model: str, device: str, **model_kwargs):
+    """``method`` (``'GreenMIM'`` / ``'SimMIM'``) around ``timm.create_model(model, **model_kwargs)``, its optimizer
+    and ``images(batch_size)``: random images of the model's size."""
     torch.manual_seed(0)
-    mim = getattr(greenmim, method)(model).to(device).train()
+    mim = getattr(greenmim, method)(model, **model_kwargs).to(device).train()
     return mim, torch.optim.AdamW(mim.parameters(), lr=1e-4)
+
+
+def _images(mim, batch_size: int, device: str) -> torch.Tensor:
+    return torch.randn(batch_size, 3, *mim.encoder.patch_embed.img_size, device=device)
 
 
 def _flops(mim, images) -> int:
@@ -59,9 +65,11 @@ def _timed_step(mim, opt, images, generator, amp, device) -> float:
     return time.perf_counter() - t
 
 
-def measure(method: str, model: str, batch_size: int, steps: int, warmup: int, device: str, amp: str) -> dict:
-    mim, opt = _build(method, model, device)
-    images = torch.randn(batch_size, 3, 224, 224, device=device)
+def measure(method: str, model: str, batch_size: int, steps: int, warmup: int, device: str, amp: str,
+            **model_kwargs) -> dict:
+    """FLOPs, median step time (and peak CUDA memory) of one method (:func:`_build`)."""
+    mim, opt = _build(method, model, device, **model_kwargs)
+    images = _images(mim, batch_size, device)
     flops = _flops(mim, images)
     gen = torch.Generator().manual_seed(0)
     times = []
@@ -80,7 +88,7 @@ def measure_interleaved(methods, model: str, batch_size: int, steps: int, warmup
     """Both methods in one process, their steps alternating, so that load from other jobs on a shared machine
     falls on both alike (no peak memory: both models are resident)."""
     runs = {m: _build(m, model, device) for m in methods}
-    images = torch.randn(batch_size, 3, 224, 224, device=device)
+    images = _images(runs[methods[0]][0], batch_size, device)
     flops = {m: _flops(mim, images) for m, (mim, _) in runs.items()}
     gens = {m: torch.Generator().manual_seed(0) for m in methods}
     times = {m: [] for m in methods}
