@@ -6,7 +6,7 @@
 # Swin-B shapes, bitwise-deterministic bias gradients; the sparse conv at Twins-L shapes), the sparse vs dense conv
 # benchmark at Twins-L stage shapes (batch 128, bf16; seconds), then the attention benchmark at Swin-B stage shapes
 # (batch 128, bf16) and the whole GreenMIM training step, then GreenMIM vs SimMIM step time and peak memory (Swin-B/L,
-# batch 128, bf16). Everything lands under $OUT (default benchmarks/results/gpu_run).
+# then Twins-SVT-B/L; batch 128, bf16). Everything lands under $OUT (default benchmarks/results/gpu_run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu_run}"
@@ -43,7 +43,11 @@ python benchmarks/bench_mim_step.py --models green_swin_base green_swin_large --
   --steps 10 --warmup 3 --out "$OUT/mim_step_gpu.json" > "$OUT/bench_mim_step.log" 2>&1
 step_rc=$?
 
+python benchmarks/bench_mim_step.py --models green_twins_svt_base green_twins_svt_large --batch-size 128 --amp bf16 \
+  --steps 5 --warmup 2 --out "$OUT/mim_step_twins_gpu.json" > "$OUT/bench_mim_step_twins.log" 2>&1
+twins_rc=$?
+
 echo "install rc=$install_rc  gpu tests rc=$test_rc  sparse conv rc=$conv_rc  benchmark rc=$bench_rc" \
-  "mim step rc=$step_rc" | tee "$OUT/status.txt"
+  "mim step rc=$step_rc  twins step rc=$twins_rc" | tee "$OUT/status.txt"
 tail -n 3 "$OUT/pytest_gpu.log"
-exit $(( install_rc || test_rc || conv_rc || bench_rc || step_rc ))
+exit $(( install_rc || test_rc || conv_rc || bench_rc || step_rc || twins_rc ))

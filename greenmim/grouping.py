@@ -12,8 +12,14 @@ whose ``ceil(sum w_i / g_s)`` groups alone would cost more.
 Packing shift *regions* rather than whole windows (the paper packs windows) gives smaller items and less padding;
 attention is unchanged because tokens of different regions never attend to each other.
 
+The layout of a stage also holds what the other layers that work on visible tokens need, all aligned with the mask
+units: the children of each token in the previous stage (patch merging, strided patch embedding), the tokens under
+each pooled cell (the stride-``p`` convolution of global sub-sampled attention) and the neighbour map of a
+depthwise convolution (:func:`greenmim.kernels.neighbour_map`).
+
 Everything here is a pure function of the mask, runs on the host with numpy on grids of at most a few thousand
-tokens, and is computed once per step for all blocks (:func:`build_visible_layout`).
+tokens (the neighbour map: vectorised torch on the target device), and is computed once per step for all blocks
+(:func:`build_visible_layout`).
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -21,9 +27,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from greenmim.kernels import neighbour_map
+
 __all__ = [
     'max_subset', 'pack_segments', 'optimal_grouping', 'grouping_cost',
-    'AttentionLayout', 'StageLayout', 'StageSpec', 'build_visible_layout',
+    'AttentionLayout', 'StageLayout', 'StageSpec', 'check_stage_specs', 'build_visible_layout',
 ]
 
 Shift = Tuple[int, int]
@@ -129,11 +137,17 @@ class StageLayout:
         grid_size: ``(Rh, Rw)`` token grid of the stage.
         num_tokens: ``N``, visible tokens per image.
         token_index: long ``[N]`` raster index (in ``Rh * Rw``) of each visible token.
-        merge_index: long ``[N, 4]`` for stages after a patch merging: index of the 2x2 children of each token in
-            the previous stage's visible tokens, in Swin's order x00, x10, x01, x11; ``None`` for the first stage.
+        merge_index: long ``[N, f * f]`` for a stage that embeds ``f x f`` neighbourhoods of the previous stage's
+            tokens: index of each token's children in the previous stage's visible tokens (order: the spec's
+            ``children_order``); ``None`` for the first stage.
         attention: ``{(window, shift): AttentionLayout}`` for each block configuration of the stage.
-        batch_size: ``B``, the number of images the attention index maps address.
+        batch_size: ``B``, the number of images the attention index maps and ``neighbours`` address.
         mask: bool ``[Hm, Wm]`` on the CPU, the mask the layout was built for.
+        pool_index: long ``[M, p * p]`` for a stage with ``pool_size`` ``p``: the visible tokens under each of the
+            ``M`` visible ``p x p`` cells (raster order of the pooled grid; tokens in a convolution weight's
+            ``(kh, kw)`` order); ``None`` otherwise.
+        neighbours: int32 ``[B * N, kh * kw]`` for a stage with a ``conv_kernel``: the neighbour map of a
+            stride-1 depthwise convolution over the flattened batch (-1 = masked or outside); ``None`` otherwise.
     """
     grid_size: Tuple[int, int]
     num_tokens: int
@@ -142,17 +156,64 @@ class StageLayout:
     attention: Dict[Tuple[Window, Shift], AttentionLayout]
     batch_size: int
     mask: torch.Tensor
+    pool_index: Optional[torch.Tensor] = None
+    neighbours: Optional[torch.Tensor] = None
+
+
+CHILDREN_ORDERS = ('rows', 'columns')
 
 
 @dataclass(frozen=True)
 class StageSpec:
-    """Static description of a stage: token grid, width, the (window, shift) pairs its blocks use, and whether it
-    starts by merging 2x2 neighbourhoods of the previous stage's tokens (timm's ``downsample``; the first stage
-    embeds patches instead)."""
+    """Static description of a stage.
+
+    Attributes:
+        grid_size: ``(Rh, Rw)`` token grid; a multiple of the mask grid.
+        channels: token width ``C`` (for the grouping cost, Eq. 8).
+        windows: the (window, shift) pairs of its window-attention blocks.
+        merges_previous_stage: the stage starts by embedding each ``f x f`` neighbourhood of the previous stage's
+            tokens (``f`` = previous grid / this grid: Swin's patch merging, Twins' strided patch embedding); the
+            first stage embeds pixels instead.
+        children_order: order of those children: ``'rows'`` (``(dh, dw)`` in raster order, a convolution weight's
+            ``(kh, kw)``) or ``'columns'`` (Swin's x00, x10, x01, x11).
+        pool_size: ``p``: the stage summarises each ``p x p`` cell of its grid into one token (Twins' global
+            sub-sampled attention, whose keys and values come from a stride-``p`` convolution); ``None``: no pooling.
+        conv_kernel: ``(kh, kw)`` of a stride-1 depthwise convolution on the stage's tokens (Twins' position
+            encoding); ``None``: none.
+    """
     grid_size: Tuple[int, int]
     channels: int
-    windows: Tuple[Tuple[Window, Shift], ...]
-    merges_previous_stage: bool
+    windows: Tuple[Tuple[Window, Shift], ...] = ()
+    merges_previous_stage: bool = False
+    children_order: str = 'rows'
+    pool_size: Optional[int] = None
+    conv_kernel: Optional[Tuple[int, int]] = None
+
+
+def check_stage_specs(specs: Sequence[StageSpec], mask_grid: Tuple[int, int]) -> None:
+    """Raise ``ValueError`` unless every stage lines up with the mask units: stage grids (and pooled grids) are
+    multiples of ``mask_grid``, windows tile their grid, and a merging stage's grid divides the previous one."""
+    previous = None
+    for i, spec in enumerate(specs):
+        grid = spec.grid_size
+        if grid[0] % mask_grid[0] or grid[1] % mask_grid[1]:
+            raise ValueError(f'stage {i} grid {grid} is not a multiple of the mask grid {mask_grid}')
+        for (wh, ww), _ in spec.windows:
+            if grid[0] % wh or grid[1] % ww:
+                raise ValueError(
+                    f'stage grid {grid} is not divisible by window {(wh, ww)}: forward_visible needs whole windows '
+                    '(choose the image or window size accordingly)')
+        if spec.merges_previous_stage:
+            f = previous[0] // grid[0] if previous else 0
+            if not f or previous != (f * grid[0], f * grid[1]):
+                raise ValueError(f'stage {i} grid {grid} does not tile the previous stage grid {previous}')
+        if spec.children_order not in CHILDREN_ORDERS:
+            raise ValueError(f'children_order {spec.children_order!r} is not one of {CHILDREN_ORDERS}')
+        p = spec.pool_size
+        if p is not None and (grid[0] % (p * mask_grid[0]) or grid[1] % (p * mask_grid[1])):
+            raise ValueError(f'stage {i}: pooling {p}x{p} cells of the {grid} grid straddles the mask units '
+                             f'({mask_grid} grid): the grid must be a multiple of {p} x the mask grid')
+        previous = grid
 
 
 def _segments(coords: np.ndarray, grid: Tuple[int, int], window: Window, shift: Shift):
@@ -183,6 +244,36 @@ def _attention_slots(coords, grid, window, shift, channels, group_size):
     return slots
 
 
+def _visible_coords(unit: np.ndarray, grid: Tuple[int, int]) -> np.ndarray:
+    """``[N, 2]`` (row, col) of the visible cells of ``grid`` under the unit mask ``unit``, raster order."""
+    visible = np.repeat(np.repeat(unit, grid[0] // unit.shape[0], axis=0), grid[1] // unit.shape[1], axis=1)
+    return np.argwhere(visible)
+
+
+def _children(coords: np.ndarray, fine_lookup: np.ndarray, factor: int, order: str) -> torch.Tensor:
+    """long ``[N, f * f]``: the fine-grid tokens (``fine_lookup [f Rh, f Rw]``, token or -1) under each coarse cell
+    ``coords [N, 2]``, in ``order`` (:data:`CHILDREN_ORDERS`)."""
+    offsets = [(dh, dw) for dh in range(factor) for dw in range(factor)]
+    if order == 'columns':
+        offsets = [(dh, dw) for dw, dh in offsets]
+    return torch.from_numpy(np.stack([fine_lookup[factor * coords[:, 0] + dh, factor * coords[:, 1] + dw]
+                                      for dh, dw in offsets], 1))
+
+
+def _attention_layouts(coords, spec: StageSpec, batch_size: int, device, group_size) -> Dict:
+    """``{(window, shift): AttentionLayout}`` over the batch for every block configuration of ``spec``."""
+    attention = {}
+    for window, shift in spec.windows:
+        slots = _attention_slots(coords, spec.grid_size, window, shift, spec.channels, group_size)
+        g = slots.shape[1]
+        batched = np.tile(slots, (1, batch_size, 1))
+        offsets = np.repeat(np.arange(batch_size, dtype=np.int32) * len(coords), g)[:, None]
+        batched[0] = np.where(batched[0] >= 0, batched[0] + offsets, -1)
+        index, segment, position = torch.from_numpy(batched).to(device).unbind(0)
+        attention[(window, shift)] = AttentionLayout(index, segment, position, window)
+    return attention
+
+
 def build_visible_layout(
         mask: torch.Tensor,
         specs: Sequence[StageSpec],
@@ -194,45 +285,43 @@ def build_visible_layout(
 
     Args:
         mask: bool ``[Hm, Wm]`` on any device, True = visible; the grid of the last stage.
-        specs: one :class:`StageSpec` per stage; stage grids are ``mask`` grid times a power of two.
+        specs: one :class:`StageSpec` per stage, lined up with the mask units (:func:`check_stage_specs`).
         batch_size: ``B``; groups are laid out per image, so attention index maps address ``B * N`` tokens.
         device: where the index tensors go (one host-to-device copy per tensor).
         group_size: fixed ``g_s`` for every stage instead of the Eq. 8 sweep.
     """
     host_mask = mask.detach().to('cpu', torch.bool)
     unit = host_mask.numpy()
+    check_stage_specs(specs, unit.shape)
     layouts = []
     prev_lookup = None
     for spec in specs:
         rh, rw = spec.grid_size
-        f = rh // unit.shape[0]
-        visible = np.repeat(np.repeat(unit, f, axis=0), rw // unit.shape[1], axis=1)
-        coords = np.argwhere(visible)  # raster order
+        coords = _visible_coords(unit, spec.grid_size)
         n = len(coords)
         merge_index = None
         if spec.merges_previous_stage:
-            children = [prev_lookup[2 * coords[:, 0] + dh, 2 * coords[:, 1] + dw] for dh, dw in
-                        ((0, 0), (1, 0), (0, 1), (1, 1))]
-            merge_index = torch.from_numpy(np.stack(children, 1)).to(device)
+            factor = prev_lookup.shape[0] // rh
+            merge_index = _children(coords, prev_lookup, factor, spec.children_order).to(device)
         lookup = np.full((rh, rw), -1, dtype=np.int64)
         lookup[coords[:, 0], coords[:, 1]] = np.arange(n)
-        attention = {}
-        for window, shift in spec.windows:
-            slots = _attention_slots(coords, (rh, rw), window, shift, spec.channels, group_size)
-            g = slots.shape[1]
-            batched = np.tile(slots, (1, batch_size, 1))
-            offsets = np.repeat(np.arange(batch_size, dtype=np.int32) * n, g)[:, None]
-            batched[0] = np.where(batched[0] >= 0, batched[0] + offsets, -1)
-            index, segment, position = torch.from_numpy(batched).to(device).unbind(0)
-            attention[(window, shift)] = AttentionLayout(index, segment, position, window)
+        pool_index = None
+        if spec.pool_size is not None:
+            p = spec.pool_size
+            cells = _visible_coords(unit, (rh // p, rw // p))
+            pool_index = _children(cells, lookup, p, 'rows').to(device)
+        token_index = torch.from_numpy(coords[:, 0] * rw + coords[:, 1]).to(device)
         layouts.append(StageLayout(
             grid_size=(rh, rw),
             num_tokens=n,
-            token_index=torch.from_numpy(coords[:, 0] * rw + coords[:, 1]).to(device),
+            token_index=token_index,
             merge_index=merge_index,
-            attention=attention,
+            attention=_attention_layouts(coords, spec, batch_size, device, group_size),
             batch_size=batch_size,
             mask=host_mask,
+            pool_index=pool_index,
+            neighbours=None if spec.conv_kernel is None else neighbour_map(
+                token_index, spec.grid_size, spec.conv_kernel, batch_size),
         ))
         prev_lookup = lookup
     return layouts

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['num_visible', 'random_mask', 'check_mask']
+__all__ = ['num_visible', 'random_mask', 'check_mask', 'upsample_mask']
 
 
 def num_visible(num_units: int, mask_ratio: float) -> int:
@@ -46,3 +46,8 @@ def check_mask(mask: torch.Tensor, grid_size: Tuple[int, int]) -> None:
             f'mask shape {tuple(mask.shape)} does not match the mask-unit grid {tuple(grid_size)} of the input')
     if not bool(mask.any()):
         raise ValueError('mask has no visible unit: at least one unit must be True (visible)')
+
+
+def upsample_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """The mask ``[Hm, Wm]`` on a grid ``factor`` times finer: ``[Hm * factor, Wm * factor]``."""
+    return mask.repeat_interleave(factor, 0).repeat_interleave(factor, 1)

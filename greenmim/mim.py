@@ -13,7 +13,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from greenmim.checkpoint import wrapper_metadata
-from greenmim.masking import num_visible, random_mask
+from greenmim.masking import num_visible, random_mask, upsample_mask
 
 __all__ = ['MIMOutput', 'GreenMIM', 'SimMIM', 'patchify', 'unpatchify', 'mim_from_metadata', 'decoder_pos_embed']
 
@@ -79,8 +79,7 @@ class _MIMBase(nn.Module):
         self.encoder = _create_encoder(encoder, **encoder_kwargs)
         self.mask_ratio = mask_ratio
         self.unit = self.encoder.mask_unit_size
-        h, w = self.encoder.patch_embed.img_size
-        self.grid_size = (h // self.unit, w // self.unit)
+        self.grid_size = self.encoder.mask_grid_size
         units = self.grid_size[0] * self.grid_size[1]
         if num_visible(units, mask_ratio) == units:
             fix = (f'use a ratio above 1/(2*{units}) = {1 / (2 * units):.3g}' if units > 1 else
@@ -196,21 +195,17 @@ class SimMIM(_MIMBase):
     def __init__(self, encoder: Union[str, nn.Module] = 'green_swin_base', mask_ratio: float = 0.75,
                  **encoder_kwargs):
         super().__init__(encoder, mask_ratio, **encoder_kwargs)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.encoder.embed_dim))
+        embed_dim = self.encoder.stage_specs()[0].channels
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))
         self.decoder = nn.Conv2d(self.encoder.num_features, self.unit ** 2 * self.encoder.in_chans, kernel_size=1)
         nn.init.trunc_normal_(self.mask_token, std=.02)
 
     def forward_masked(self, images: torch.Tensor, mask: torch.Tensor) -> MIMOutput:
         """Dense encoder with the mask token at masked tokens -> 1x1-conv decoder -> L1 on the masked pixels."""
         self.encoder.check_mask(mask)
-        enc = self.encoder
-        x = enc.patch_embed(images)  # [B, Rh, Rw, E]
-        factor = x.shape[1] // self.grid_size[0]
-        visible = mask.to(images.device).repeat_interleave(factor, 0).repeat_interleave(factor, 1)
-        x = torch.where(visible[None, :, :, None], x, self.mask_token.to(x.dtype))
-        x = enc.norm(enc.layers(x))  # [B, Hm, Wm, C]
-        recon = F.pixel_shuffle(self.decoder(x.permute(0, 3, 1, 2)), self.unit)  # [B, C, H, W]
-        hidden = (~mask.to(images.device)).repeat_interleave(self.unit, 0).repeat_interleave(self.unit, 1)
+        x = self.encoder.forward_masked_dense(images, mask.to(images.device), self.mask_token.view(-1))
+        recon = F.pixel_shuffle(self.decoder(x), self.unit)  # [B, C, H, W]
+        hidden = upsample_mask(~mask.to(images.device), self.unit)
         l1 = (recon.float() - images.float()).abs() * hidden
         loss = l1.sum() / (hidden.sum() * images.shape[0] * images.shape[1])
         return MIMOutput(loss, patchify(recon, self.unit), mask)

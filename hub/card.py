@@ -47,7 +47,7 @@ def render_model_card(release: Release, model: nn.Module, decoder_file: Optional
         summary = (f'A {family.name} encoder pre-trained with GreenMIM (masked image modeling on the visible '
                    'patches only) on ImageNet-1k. It has no classifier: fine-tune it, or use its features.')
         model_type = 'image feature backbone (masked-image-modeling pre-training)'
-        usage_call = 'features = model.forward_features(transform(image)[None])  # [1, H/32, W/32, C]'
+        usage_call = f'features = model.forward_features(transform(image)[None])  # {family.features_shape}'
         usage_mim = (
             '\nTo continue pre-training, load the encoder with the MIM decoder shipped in `'
             f'{decoder_file}`:\n\n```python\nfrom greenmim.hub import load_mim_pretrained\n\n'

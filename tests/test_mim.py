@@ -7,12 +7,20 @@ import greenmim
 from greenmim.masking import random_mask
 from greenmim.checkpoint import split_mim_state_dict
 from greenmim.mim import patchify, unpatchify
-from dense_reference import dense_key_masked_stages
+from dense_reference import dense_key_masked_stages, dense_twins_key_masked_stages
 
 
-def _green(**kwargs):
+TWINS_SMALL = dict(embed_dims=(8, 16, 32, 64), depths=(2, 2, 2, 2))  # green_twins_svt_small, narrower and shallower
+ENCODERS = {  # name: (kwargs, the dense computation of its stage outputs)
+    'green_swin_tiny': ({}, dense_key_masked_stages),
+    'green_twins_svt_small': (TWINS_SMALL, dense_twins_key_masked_stages),
+    'green_twins_pcpvt_small': (dict(TWINS_SMALL, embed_dims=(8, 16, 40, 64)), dense_twins_key_masked_stages),
+}
+
+
+def _green(name='green_swin_tiny', **kwargs):
     torch.manual_seed(0)
-    return greenmim.GreenMIM('green_swin_tiny', **kwargs).eval()
+    return greenmim.GreenMIM(name, **ENCODERS[name][0], **kwargs).eval()
 
 
 def test_patchify_roundtrip():
@@ -23,15 +31,16 @@ def test_patchify_roundtrip():
     assert torch.equal(unpatchify(units, 32, (2, 3)), x)
 
 
-def test_green_mim_matches_dense_placement():
+@pytest.mark.parametrize('name', sorted(ENCODERS))
+def test_green_mim_matches_dense_placement(name):
     """Recompute the whole model densely: every unit's decoder input is its own final-stage token (visible) or the
     mask token; a scrambled placement (as in the authors' code) would change the prediction."""
-    mim = _green()
+    mim = _green(name)
     mask = random_mask((7, 7), 0.75, torch.Generator().manual_seed(0))
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         out = mim(x, mask)
-        latent = mim.decoder_embed(mim.encoder.norm(dense_key_masked_stages(mim.encoder, x, mask)[-1]))
+        latent = mim.decoder_embed(mim.encoder.norm(ENCODERS[name][1](mim.encoder, x, mask)[-1]))
         tokens = mim.mask_token.expand(2, 49, -1).clone()
         tokens[:, mask.flatten()] = latent
         dense = mim.decoder_pred(mim.decoder_norm(mim.decoder_blocks(tokens + mim.decoder_pos_embed)))
@@ -112,9 +121,10 @@ def test_green_mim_samples_masks_from_generator():
     assert torch.equal(a.mask, b.mask) and int(a.mask.sum()) == 12 and torch.equal(a.loss, b.loss)
 
 
-def test_simmim_baseline():
+@pytest.mark.parametrize('name', sorted(ENCODERS))
+def test_simmim_baseline(name):
     torch.manual_seed(0)
-    sim = greenmim.SimMIM('green_swin_tiny').eval()
+    sim = greenmim.SimMIM(name, **ENCODERS[name][0]).eval()
     mask = random_mask((7, 7), 0.75, torch.Generator().manual_seed(3))
     x = torch.randn(1, 3, 224, 224)
     hidden = (~mask).repeat_interleave(32, 0).repeat_interleave(32, 1)

@@ -1,7 +1,7 @@
 """What the training and release code need to know about a family of green models, one record per family.
 
-A family module (``green_swin.py``) registers its :class:`ModelFamily`; :mod:`greenmim.hub` (model cards, loading,
-conversion) looks it up with :func:`family_of` instead of assuming one architecture.
+A family module (``green_swin.py``, ``green_twins.py``) registers its :class:`ModelFamily`; :mod:`greenmim.hub`
+(model cards, loading, conversion) looks it up with :func:`family_of` instead of assuming one architecture.
 """
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -26,6 +26,7 @@ class ModelFamily:
         original_to_timm: ``(state_dict, model) -> state_dict``: the original (authors') key layout to timm's,
             as timm's ``pretrained_filter_fn``.
         describe: ``model -> str``: the architecture in a line, e.g. ``'widths 96/192/384/768, depths 2/2/6/2'``.
+        features_shape: the shape of ``forward_features`` of one image, e.g. ``'[1, H/32, W/32, C]'``.
     """
     name: str
     hub_tag: str
@@ -33,6 +34,7 @@ class ModelFamily:
     models: Tuple[str, ...]
     original_to_timm: Callable[[StateDict, nn.Module], StateDict]
     describe: Callable[[nn.Module], str]
+    features_shape: str
 
 
 FAMILIES: List[ModelFamily] = []

@@ -14,9 +14,13 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 __all__ = ['Metric', 'Release', 'STATUSES', 'TAGS', 'is_mim_tag', 'manifest_path', 'load_manifest', 'write_release',
-           'pretrained_cfgs']
+           'pretrained_cfgs', 'PAPER_CFG']
 
 STATUSES = ('published', 'not-published')
+PAPER_CFG = {  # in the timm cfg of every green model
+    'license': 'apache-2.0', 'paper_ids': 'arXiv:2205.13515',
+    'paper_name': 'Green Hierarchical Vision Transformer for Masked Image Modeling',
+}
 MANIFEST_ENV = 'GREENMIM_HUB_MANIFEST'
 TAGS = ('mim_in1k_ft_in1k', 'mim_in1k')  # the pretrained tags of every green model (the first is the default);
 # the manifest may list more for a model, e.g. the authors' converted checkpoints (mim_in1k_authors)
@@ -144,15 +148,15 @@ def pretrained_cfgs(models: Sequence[str], base_cfg: dict) -> Dict[str, dict]:
     """timm pretrained cfgs of every ``model.tag`` of ``models`` (:data:`TAGS`, and any other tag the manifest
     lists for the model), for ``generate_default_cfgs``.
 
-    ``base_cfg`` is the family's cfg (input size, mean/std, classifier name, ...); ``num_classes`` is 0 for MIM
-    tags, 1000 for the fine-tuned classifiers. The classifier is the default tag (``*``) whether or not weights are
-    published yet.
+    ``base_cfg`` is the family's cfg (input size, mean/std, classifier name, ...), completed with the paper and the
+    licence (:data:`PAPER_CFG`); ``num_classes`` is 0 for MIM tags, 1000 for the fine-tuned classifiers. The
+    classifier is the default tag (``*``) whether or not weights are published yet.
     """
     releases = load_manifest()
     tags = {model: TAGS + tuple(r.tag for r in releases.values() if r.model == model and r.tag not in TAGS)
             for model in models}
     return {
         f'{model}.{tag}{"*" if tag == TAGS[0] else ""}': _release_cfg(
-            dict(base_cfg, num_classes=0 if is_mim_tag(tag) else 1000), releases.get(f'{model}.{tag}'))
+            {**PAPER_CFG, **base_cfg, 'num_classes': 0 if is_mim_tag(tag) else 1000}, releases.get(f'{model}.{tag}'))
         for model in models for tag in tags[model]
     }

@@ -1,0 +1,158 @@
+"""What every green model family shares around ``forward_visible``: input checks, the layout of the visible tokens
+(built once per step by :func:`greenmim.grouping.build_visible_layout`), and the patch embedding of visible patches.
+
+A family subclasses its timm model and :class:`VisibleEncoderMixin`, and says what its stages are
+(:meth:`~VisibleEncoderMixin.stage_specs`), which module embeds the pixels
+(:meth:`~VisibleEncoderMixin.first_patch_embed`) and how its encoder runs on visible tokens
+(:meth:`~VisibleEncoderMixin._encode_visible`).
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from greenmim.grouping import StageLayout, StageSpec, build_visible_layout, check_stage_specs
+from greenmim.masking import check_mask
+
+__all__ = ['VisibleEncoderMixin', 'gather_children']
+
+
+def gather_children(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Tokens ``x [B, N, C]`` and ``index [M, k]`` (a layout's ``merge_index`` or ``pool_index``) -> the ``k``
+    children of each of the ``M`` cells, concatenated: ``[B, M, k * C]``."""
+    return x.index_select(1, index.flatten()).view(x.shape[0], index.shape[0], -1)
+
+
+class VisibleEncoderMixin:
+    """Checks and layout of the visible tokens for a timm encoder whose last stage has one token per mask unit."""
+
+    # host-side helpers: not part of a TorchScript model
+    __jit_unused_properties__ = ['mask_grid_size', 'mask_unit_size']
+
+    def stage_specs(self) -> List[StageSpec]:
+        """Static per-stage description used to lay out the visible tokens."""
+        raise NotImplementedError
+
+    def first_patch_embed(self) -> nn.Module:
+        """The patch embedding of the pixels (timm ``PatchEmbed``: ``img_size``, ``patch_size``, ``proj``, ``norm``)."""
+        raise NotImplementedError
+
+    @property
+    def mask_grid_size(self) -> Tuple[int, int]:
+        """``(Hm, Wm)``: the mask-unit grid, the token grid of the last stage."""
+        return tuple(self.stage_specs()[-1].grid_size)
+
+    @property
+    def mask_unit_size(self) -> int:
+        """Side in pixels of a mask unit: the encoder's total stride (32 for Swin and Twins)."""
+        return self.first_patch_embed().img_size[0] // self.mask_grid_size[0]
+
+    def forward_visible(
+            self,
+            x: torch.Tensor,
+            mask: torch.Tensor,
+            layout: Optional[Sequence[StageLayout]] = None,
+    ) -> List[torch.Tensor]:
+        """Encode the visible tokens only.
+
+        Args:
+            x: images ``[B, C, H, W]``, ``H, W`` the model's image size (multiples of :attr:`mask_unit_size`).
+            mask: bool ``[H / 32, W / 32]``, True = visible, shared by the batch.
+            layout: :meth:`visible_layout` of ``mask`` for this batch size, if already computed (required under
+                ``torch.compile``, which then traces the whole encoder without graph breaks).
+
+        Returns:
+            One tensor per stage, ``[B, N_s, C_s]``: the visible tokens in raster order (stage outputs, before the
+            final norm), equal to the family's dense forward at those positions when masked tokens are kept out of
+            the keys of every attention (and zeroed before a convolution over tokens).
+        """
+        return self._encode_visible(x, self._resolve_layout(x, mask, layout))
+
+    def _encode_visible(self, x: torch.Tensor, layout: Sequence[StageLayout]) -> List[torch.Tensor]:
+        """The family's encoder on the visible tokens of images ``x`` laid out by ``layout`` (checked)."""
+        raise NotImplementedError
+
+    def check_images(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` is a float ``[B, C, H, W]`` batch of this model's size and channels."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            raise ValueError(f'images must be a [B, C, H, W] tensor, got {getattr(x, "shape", type(x))}')
+        if not x.is_floating_point():
+            raise ValueError(f'images must be a floating-point tensor, got {x.dtype}')
+        _, c, h, w = x.shape
+        unit = self.mask_unit_size
+        if h % unit or w % unit:
+            raise ValueError(f'image size {h}x{w} is not a multiple of the {unit}-pixel mask unit')
+        img_size = tuple(self.first_patch_embed().img_size)
+        if (h, w) != img_size:
+            raise ValueError(f'image size {h}x{w} does not match the model ({img_size[0]}x{img_size[1]}); '
+                             f'create the model with img_size=({h}, {w})')
+        if c != self.in_chans:
+            raise ValueError(f'images have {c} channels, the model expects {self.in_chans}')
+
+    def check_mask(self, mask: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``mask`` is a bool mask-unit grid of this model's image size with a visible
+        unit, and the stages line up with the mask units (e.g. every stage grid holds whole windows)."""
+        check_mask(mask, self.mask_grid_size)
+        check_stage_specs(self.stage_specs(), self.mask_grid_size)
+
+    def visible_layout(
+            self,
+            mask: torch.Tensor,
+            batch_size: int,
+            device: Optional[torch.device] = None,
+            group_size: Optional[int] = None,
+    ) -> List[StageLayout]:
+        """Layout of the visible tokens of every stage for ``mask`` (computed once per step, shared by all blocks);
+        raises ``ValueError`` for a mask that does not suit the model (:meth:`check_mask`)."""
+        check_mask(mask, self.mask_grid_size)
+        device = device if device is not None else self.first_patch_embed().proj.weight.device
+        return build_visible_layout(mask, self.stage_specs(), batch_size, device, group_size)
+
+    def check_layout(self, layout: Sequence[StageLayout], x: torch.Tensor, mask: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``layout`` is :meth:`visible_layout` of ``mask`` for this model, the batch
+        size of ``x`` and its device (host-side checks; no device sync for a CPU mask)."""
+        stages = len(self.stage_specs())
+        if len(layout) != stages:
+            raise ValueError(f'layout has {len(layout)} stages, the model has {stages}')
+        first = layout[0]
+        if first.batch_size != x.shape[0]:
+            raise ValueError(f'layout was built for batch size {first.batch_size}, the images have {x.shape[0]}')
+        if first.token_index.device != x.device:
+            raise ValueError(f'layout is on {first.token_index.device}, the images on {x.device}')
+        if not isinstance(mask, torch.Tensor) or mask.shape != first.mask.shape or not torch.equal(
+                mask.detach().to('cpu', torch.bool), first.mask):
+            raise ValueError('layout was built for another mask: pass the mask it was built from '
+                             '(or layout=None to build it)')
+
+    def _resolve_layout(
+            self,
+            x: torch.Tensor,
+            mask: torch.Tensor,
+            layout: Optional[Sequence[StageLayout]],
+    ) -> Sequence[StageLayout]:
+        """The layout ``forward_visible`` runs on: ``layout`` checked against ``x`` and ``mask``, or built. Under
+        ``torch.compile`` the checks and the layout are host work done before the compiled region, so ``layout``
+        is required and taken as given."""
+        if torch.compiler.is_compiling():
+            if layout is None:
+                raise ValueError('under torch.compile, pass layout=model.visible_layout(mask, batch_size)')
+            return layout
+        self.check_images(x)  # the mask is checked where its layout is built
+        if self.training and any(m.p > 0 for n, m in self.named_modules() if n.endswith('attn_drop')):
+            raise ValueError('forward_visible does not implement attention dropout; build with attn_drop_rate=0')
+        if layout is None:
+            return self.visible_layout(mask, x.shape[0], x.device)
+        self.check_layout(layout, x, mask)
+        return layout
+
+    def embed_visible_patches(self, x: torch.Tensor, layout: StageLayout) -> torch.Tensor:
+        """:meth:`first_patch_embed` of the visible patches: images ``[B, C, H, W] -> [B, N, E]`` (the conv as a
+        GEMM over the gathered patches, in the weight's ``(c, kh, kw)`` order), then its norm."""
+        b, c, _, _ = x.shape
+        embed = self.first_patch_embed()
+        ph, pw = embed.patch_size
+        rh, rw = layout.grid_size
+        patches = x.reshape(b, c, rh, ph, rw, pw).permute(0, 2, 4, 1, 3, 5)
+        patches = patches[:, layout.token_index // rw, layout.token_index % rw].flatten(2)  # [B, N, C*ph*pw]
+        return embed.norm(F.linear(patches, embed.proj.weight.flatten(1), embed.proj.bias))
