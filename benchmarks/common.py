@@ -45,12 +45,14 @@ def _cpu_name() -> str:
     return platform.processor() or 'unknown'
 
 
-def write_result(path: str, result: dict) -> None:
-    """Write ``result`` (with :func:`environment` under ``env``) as JSON to ``path``."""
+def write_result(path: str, result: dict) -> dict:
+    """Write ``result`` (with :func:`environment` under ``env``) as JSON to ``path``; returns what was written."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    result = dict(env=environment(), **result)
     with open(path, 'w') as f:
-        json.dump(dict(env=environment(), **result), f, indent=2)
+        json.dump(result, f, indent=2)
         f.write('\n')
+    return result
 
 
 def median_ms(fn, repeats: int, warmup: int, device: str) -> float:

@@ -160,8 +160,9 @@ def group_attention_case(dtype: torch.dtype, head_dim: int, group_size: int, has
 
 
 def sparse_conv_case(dtype: torch.dtype, channels: int, kernel_size: int = 3, has_bias: bool = True,
-                     tokens: int = 4096) -> None:
-    """Forward and backward launches of the sparse depthwise convolution on ``tokens`` rows of ``channels``."""
+                     tokens: int = 4099) -> None:
+    """Forward and backward launches of the sparse depthwise convolution on ``tokens`` rows of ``channels`` (not a
+    multiple of 16, like most batches)."""
     from greenmim.kernels import sparse_conv as sc
     x = torch.zeros(tokens, channels, dtype=dtype)
     neighbours = torch.zeros(tokens, kernel_size * kernel_size, dtype=torch.int32)
@@ -278,9 +279,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from common import write_result
     rows = report(REGISTRY, args.arch)
-    write_result(args.out, dict(kind='compile_report', sm_limits=SM_LIMITS, **compact(rows)))
-    print(summary(rows))
-    print('wrote', args.out)
+    result = write_result(args.out, dict(kind='compile_report', sm_limits=SM_LIMITS, **compact(rows)))
+    table = summary(rows)
+    print(table)
+    write_summary(os.path.splitext(args.out)[0] + '.md', table, result['env'])
+
+
+def write_summary(path: str, table: str, env: dict) -> None:
+    """The markdown summary with the environment it was compiled in."""
+    with open(path, 'w') as f:
+        f.write(f"# Compile report: registers, spills and occupancy\n\n`python benchmarks/compile_report.py` "
+                f"(commit {env['commit']}, {env['date']}; triton {env['triton']}, torch {env['torch']}; ptxas bundled "
+                f"with Triton; no GPU). Per shape, the worst case over bias / no bias and both bias-gradient "
+                f"modes; warps per SM out of 64. Details per compiled variant: `{os.path.basename(path)[:-3]}.json`."
+                f"\n\n{table}\n")
+    print('wrote', path)
 
 
 if __name__ == '__main__':

@@ -7,8 +7,6 @@ CUDA device); ``@pytest.mark.gpu`` tests run the compiled kernels at Twins-L sta
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -260,76 +258,6 @@ def test_bad_inputs_raise_value_error(monkeypatch):
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     with pytest.raises(ValueError, match='TRITON_INTERPRET'):
         sparse_depthwise_conv_triton(x, nbr, weight, bias)
-
-
-# ------------------------------------------------------------------------------------ compiled for sm_80 / sm_90
-_COMPILE = """
-import contextlib, io, json, re, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from greenmim.kernels import sparse_conv as sc
-assert not sc.INTERPRETED
-
-def build(kernel, arch, args, launch):
-    # what a launch specialises: integers equal to 1 become constexprs, integers and pointers divisible by 16 get a
-    # divisibility hint (torch allocations are 16-byte aligned)
-    launch = dict(launch)
-    options = dict(num_warps=launch.pop('num_warps'))
-    signature, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        value = launch.get(name, args.get(name))
-        if name in launch or value == 1:
-            launch[name], signature[name] = value, 'constexpr'
-            continue
-        signature[name] = value if isinstance(value, str) else 'i32'
-        if isinstance(value, str) or value % 16 == 0:
-            attrs[(i,)] = [['tt.divisibility', 16]]
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG=1: Triton prints ptxas -v
-        compiled = triton.compile(triton.compiler.ASTSource(kernel, signature, launch, attrs),
-                                  target=GPUTarget('cuda', arch, 32), options=options)
-    text = log.getvalue()
-    spills = re.search(r'(\\d+) bytes spill stores, (\\d+) bytes spill loads', text)
-    return dict(registers=int(re.search(r'Used (\\d+) registers', text).group(1)), spill_stores=int(spills.group(1)),
-                spill_loads=int(spills.group(2)), shared=compiled.metadata.shared, num_warps=options['num_warps'])
-
-rows = []
-tokens = 128 * 784 + 3  # not a multiple of 16, like most batches
-for arch in (80, 90):
-    for dtype in ('bf16', 'fp16', 'fp32'):
-        channels = 128  # every Twins width (64 ... 1024) gives these launch options
-        launch = sc.launch_config(channels, 9)
-        t = '*' + dtype
-        common = dict(x=t, neighbours='*i32', weight='*fp32' if dtype == 'fp32' else t, stride_xt=channels,
-                      stride_xc=1, stride_wc=9, stride_wk=1, num_tokens=tokens, channels=channels)
-        fwd = dict(common, bias=common['weight'], y=t, stride_yt=channels, stride_yc=1)
-        bwd = dict(common, dy=t, dx=t, partial='*fp32', stride_dyt=channels, stride_dyc=1, stride_dxt=channels,
-                   stride_dxc=1, tiles_per_program=3)
-        for name, kernel, args, extra in (('forward', sc._sparse_conv_fwd_kernel, fwd, dict(HAS_BIAS=True)),
-                                          ('backward', sc._sparse_conv_bwd_kernel, bwd, dict(K_PAD=16))):
-            rows.append(dict(arch=arch, dtype=dtype, kernel=name,
-                             config={k: v for k, v in launch.items()},
-                             **build(kernel, arch, args, dict(launch, **extra))))
-print(json.dumps(rows))
-"""
-
-
-def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
-    """The compiled path (Triton -> PTX -> cubin with the ptxas bundled with Triton) at Twins' launch options, with
-    a launch's argument specialisation; registers and spills from ptxas, shared memory from the compiled metadata.
-    Catches what the interpreter lets through (types, layouts, constexpr use) and register spills."""
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    env.update(TRITON_DUMP_PTXAS_LOG='1', TRITON_CACHE_DIR=str(tmp_path))  # an empty cache: ptxas runs every time
-    proc = subprocess.run([sys.executable, '-c', _COMPILE], env=env, capture_output=True, text=True)
-    if 'ptxas' in proc.stderr and 'not found' in proc.stderr.lower():
-        pytest.skip('no ptxas in this Triton install')
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(rows) == 12
-    for row in rows:
-        print(row)
-        assert row['spill_stores'] == 0 and row['spill_loads'] == 0, row
-        assert 0 < row['registers'] <= 255, row
 
 
 # ------------------------------------------------------------------------------------------------- benchmark
