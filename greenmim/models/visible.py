@@ -45,8 +45,10 @@ class VisibleEncoderMixin:
 
     @property
     def mask_unit_size(self) -> int:
-        """Side in pixels of a mask unit: the encoder's total stride (32 for Swin and Twins)."""
-        return self.first_patch_embed().img_size[0] // self.mask_grid_size[0]
+        """Side in pixels of a mask unit: the encoder's total stride (32 for Swin and Twins), the pixel patch times 2
+        for each stage that merges 2x2 tokens of the previous one (known for any image size, unlike the grids)."""
+        merges = sum(spec.merges_previous_stage for spec in self.stage_specs())
+        return self.first_patch_embed().patch_size[0] << merges
 
     def forward_visible(
             self,
