@@ -29,19 +29,22 @@ guarantee: any two groups together hold more than ``g_s`` tokens (else the earli
 
 Everything here is a pure function of the mask, runs on the host with numpy, vectorised over the images (the
 neighbour map: vectorised torch on the target device), and is computed once per step for all blocks
-(:func:`build_visible_layout`; on the CPU it can run in DataLoader workers, :class:`greenmim.data.MaskCollate`).
+(:func:`build_visible_layout`; it can run in DataLoader workers: :class:`LayoutCollate`, :func:`layout_to`).
 """
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from greenmim.kernels import neighbour_map
+from greenmim.masking import random_mask
 
 __all__ = [
     'max_subset', 'pack_segments', 'optimal_grouping', 'grouping_cost', 'pack_histogram', 'optimal_histogram_grouping',
-    'AttentionLayout', 'StageLayout', 'StageSpec', 'check_stage_specs', 'build_visible_layout',
+    'AttentionLayout', 'StageLayout', 'StageSpec', 'check_stage_specs', 'build_visible_layout', 'layout_to',
+    'LayoutCollate',
 ]
 
 Shift = Tuple[int, int]
@@ -441,3 +444,42 @@ def build_visible_layout(
         ))
         prev_lookup = lookup
     return layouts
+
+
+def _tensors_to(item, device):
+    """A layout dataclass with its tensors (the index maps; not the host ``mask``) on ``device``."""
+    return replace(item, **{f.name: getattr(item, f.name).to(device, non_blocking=True) for f in fields(item)
+                            if f.name != 'mask' and isinstance(getattr(item, f.name), torch.Tensor)})
+
+
+def layout_to(layout: Sequence[StageLayout], device: torch.device) -> List[StageLayout]:
+    """``layout`` (built on the CPU, e.g. by :class:`LayoutCollate`) with its index tensors on ``device``."""
+    return [replace(_tensors_to(stage, device), attention={
+        key: _tensors_to(att, device) for key, att in stage.attention.items()}) for stage in layout]
+
+
+class LayoutCollate:
+    """DataLoader ``collate_fn`` that also draws the batch's masks and builds their CPU layout, in the worker
+    processes: the training process only moves the layout to its device (:func:`layout_to`).
+
+    Args:
+        specs: the encoder's ``stage_specs()``; the mask grid is the last stage's.
+        mask_ratio: as :func:`greenmim.masking.random_mask`, drawn from the worker's RNG (seeded per worker by the
+            DataLoader).
+        per_image: one mask per image (``[B, Hm, Wm]``) or one for the batch (``[Hm, Wm]``).
+        group_size: fixed ``g_s`` (:func:`build_visible_layout`).
+        collate: collates the samples; the batch size is ``len(samples)``.
+
+    Returns ``(collate(samples), mask, layout)``.
+    """
+
+    def __init__(self, specs: Sequence[StageSpec], mask_ratio: float, per_image: bool = True,
+                 group_size: Optional[int] = None, collate: Callable = default_collate):
+        self.specs, self.mask_ratio, self.per_image = list(specs), mask_ratio, per_image
+        self.group_size, self.collate = group_size, collate
+
+    def __call__(self, samples):
+        batch_size = len(samples)
+        mask = random_mask(self.specs[-1].grid_size, self.mask_ratio, batch_size=batch_size if self.per_image else None)
+        layout = build_visible_layout(mask, self.specs, batch_size, torch.device('cpu'), self.group_size)
+        return self.collate(samples), mask, layout

@@ -58,8 +58,8 @@ def check_mask(mask: torch.Tensor, grid_size: Tuple[int, int], batch_size: Optio
         raise ValueError(f'per-image mask has {mask.shape[0]} masks for {batch_size} images')
     counts = mask.flatten(-2).sum(-1).view(-1)
     if not bool(counts.min() > 0):
-        raise ValueError('mask has no visible unit: at least one unit must be True (visible)'
-                         + (f' (image {int(counts.argmin())})' if mask.ndim == 3 else ''))
+        where = f' (image {int(counts.argmin())})' if mask.ndim == 3 else ''
+        raise ValueError(f'mask has no visible unit{where}: at least one unit must be True (visible)')
     if bool(counts.max() != counts.min()):
         raise ValueError(f'per-image mask: every image needs the same number of visible units, got between '
                          f'{int(counts.min())} and {int(counts.max())}')
