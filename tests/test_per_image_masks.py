@@ -252,7 +252,7 @@ def test_pretrain_cli_mask_mode_flag(tmp_path):
             '--output-dir', str(tmp_path / 'run')]
     assert main(args + ['--mask-mode', 'image']) == 0
     assert json.loads((tmp_path / 'run' / 'config.json').read_text())['mask_mode'] == 'image'
-    assert main(args + ['--mask-mode', 'pixel', '--output-dir', str(tmp_path / 'bad')]) == 1
+    assert main(args + ['--mask-mode', 'pixel', '--output-dir', str(tmp_path / 'bad')]) == 2  # a bad setting
 
 
 def test_benchmark_smoke(tmp_path):
