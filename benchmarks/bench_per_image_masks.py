@@ -80,8 +80,8 @@ def worker_wait(specs, batch, workers, batches, step_ms):
     it = iter(loader)
     for i in range(batches + 1):
         t = time.perf_counter()
-        _, _, layout = next(it)
-        layout_to(layout, torch.device('cpu'))
+        _, packed = next(it)
+        layout_to(packed, torch.device('cpu'))
         if i:
             waits.append(1e3 * (time.perf_counter() - t))
         time.sleep(step_ms / 1e3)

@@ -31,8 +31,9 @@ Everything here is a pure function of the mask, runs on the host with numpy, vec
 neighbour map: vectorised torch on the target device), and is computed once per step for all blocks
 (:func:`build_visible_layout`; it can run in DataLoader workers: :class:`LayoutCollate`, :func:`layout_to`).
 """
+import math
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ from greenmim.masking import random_mask
 __all__ = [
     'max_subset', 'pack_segments', 'optimal_grouping', 'grouping_cost', 'pack_histogram', 'optimal_histogram_grouping',
     'AttentionLayout', 'StageLayout', 'StageSpec', 'check_stage_specs', 'build_visible_layout', 'layout_to',
-    'LayoutCollate',
+    'LayoutCollate', 'PackedLayout', 'PackedMap', 'pack_layout',
 ]
 
 Shift = Tuple[int, int]
@@ -149,14 +150,13 @@ def pack_histogram(counts: Sequence[int], group_size: int) -> Packing:
         if left <= group_size:
             packing.append((counts, 1))
             break
-        chunks = []  # (size, number of segments): the counts in binary chunks, largest size first (as pack_segments)
-        for w in np.nonzero(counts)[0]:
-            c, k = int(counts[w]), 1
+        chunks = []  # (size, number of segments): the usable counts in binary chunks, largest size first
+        for w in np.nonzero(counts)[0][::-1].tolist():
+            c, k = min(int(counts[w]), group_size // w), 1  # no group holds more than group_size // w of them
             while c:
-                chunks.append((int(w), min(k, c)))
+                chunks.append((w, min(k, c)))
                 c -= chunks[-1][1]
                 k *= 2
-        chunks.sort(key=lambda chunk: (-chunk[0], chunk[1]))
         pattern = np.zeros_like(counts)
         for i in max_subset([w * k for w, k in chunks], group_size):
             pattern[chunks[i][0]] += chunks[i][1]
@@ -446,21 +446,61 @@ def build_visible_layout(
     return layouts
 
 
-def _tensors_to(item, device):
-    """A layout dataclass with its tensors (the index maps; not the host ``mask``) on ``device``."""
-    return replace(item, **{f.name: getattr(item, f.name).to(device, non_blocking=True) for f in fields(item)
-                            if f.name != 'mask' and isinstance(getattr(item, f.name), torch.Tensor)})
+def _map_index_maps(layout: Sequence[StageLayout], kind: type, fn) -> List[StageLayout]:
+    """``layout`` with ``fn`` applied to every index map of type ``kind`` (not the host ``mask``)."""
+    def apply(item):
+        return replace(item, **{f.name: fn(getattr(item, f.name)) for f in fields(item)
+                                if f.name != 'mask' and isinstance(getattr(item, f.name), kind)})
+    return [replace(apply(stage), attention={key: apply(att) for key, att in stage.attention.items()})
+            for stage in layout]
 
 
-def layout_to(layout: Sequence[StageLayout], device: torch.device) -> List[StageLayout]:
-    """``layout`` (built on the CPU, e.g. by :class:`LayoutCollate`) with its index tensors on ``device``."""
-    return [replace(_tensors_to(stage, device), attention={
-        key: _tensors_to(att, device) for key, att in stage.attention.items()}) for stage in layout]
+class PackedLayout(NamedTuple):
+    """A CPU layout whose index maps are slices of one byte ``buffer`` (one shared-memory handle from a DataLoader
+    worker, one host-to-device copy), with the ``mask`` as a numpy array (pickled inline): in ``layout`` each map
+    is a :class:`PackedMap` and the mask ``None``."""
+    buffer: torch.Tensor
+    mask: np.ndarray
+    layout: List[StageLayout]
+
+
+class PackedMap(NamedTuple):
+    """Where an index map lies in a :class:`PackedLayout`'s buffer (byte offset, a multiple of 8), its shape and
+    dtype."""
+    start: int
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+
+
+def pack_layout(layout: Sequence[StageLayout]) -> PackedLayout:
+    """Every index map of ``layout`` (CPU) into one byte buffer."""
+    chunks, start = [], 0
+
+    def place(tensor):
+        nonlocal start
+        data = tensor.contiguous().flatten().view(torch.uint8)
+        chunks.extend([data, data.new_zeros(-data.numel() % 8)])  # keep every map 8-byte aligned
+        start += chunks[-2].numel() + chunks[-1].numel()
+        return PackedMap(start - chunks[-2].numel() - chunks[-1].numel(), tuple(tensor.shape), tensor.dtype)
+
+    packed = _map_index_maps(layout, torch.Tensor, place)
+    return PackedLayout(torch.cat(chunks), layout[0].mask.numpy(), [replace(stage, mask=None) for stage in packed])
+
+
+def layout_to(layout, device: torch.device) -> List[StageLayout]:
+    """A layout, or a :class:`PackedLayout` (one copy of its buffer, then views), with its index maps on
+    ``device``."""
+    if not isinstance(layout, PackedLayout):
+        return _map_index_maps(layout, torch.Tensor, lambda tensor: tensor.to(device, non_blocking=True))
+    buffer, mask = layout.buffer.to(device, non_blocking=True), torch.from_numpy(layout.mask)
+    return _map_index_maps([replace(stage, mask=mask) for stage in layout.layout], PackedMap, lambda m: buffer[
+        m.start:m.start + math.prod(m.shape) * m.dtype.itemsize].view(m.dtype).view(m.shape))
 
 
 class LayoutCollate:
     """DataLoader ``collate_fn`` that also draws the batch's masks and builds their CPU layout, in the worker
-    processes: the training process only moves the layout to its device (:func:`layout_to`).
+    processes: the training process only moves the layout to its device (:func:`layout_to`; the mask is its
+    ``[0].mask``).
 
     Args:
         specs: the encoder's ``stage_specs()``; the mask grid is the last stage's.
@@ -470,7 +510,8 @@ class LayoutCollate:
         group_size: fixed ``g_s`` (:func:`build_visible_layout`).
         collate: collates the samples; the batch size is ``len(samples)``.
 
-    Returns ``(collate(samples), mask, layout)``.
+    Returns ``(collate(samples), packed)``, the layout as a :class:`PackedLayout`: its index maps travel from the
+    worker in one shared-memory buffer, where each tensor would cost a handle of its own.
     """
 
     def __init__(self, specs: Sequence[StageSpec], mask_ratio: float, per_image: bool = True,
@@ -482,4 +523,4 @@ class LayoutCollate:
         batch_size = len(samples)
         mask = random_mask(self.specs[-1].grid_size, self.mask_ratio, batch_size=batch_size if self.per_image else None)
         layout = build_visible_layout(mask, self.specs, batch_size, torch.device('cpu'), self.group_size)
-        return self.collate(samples), mask, layout
+        return self.collate(samples), pack_layout(layout)

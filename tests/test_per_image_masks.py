@@ -141,13 +141,22 @@ def test_per_image_padding_and_cost_against_batch_wise():
 def test_layout_collate_and_layout_to():
     specs = _model('green_swin_tiny').stage_specs()
     collate = LayoutCollate(specs, 0.5)
-    (images,), mask, layout = collate([(torch.randn(3, 64, 64),) for _ in range(3)])
-    assert images.shape == (3, 3, 64, 64) and mask.shape == (3, 2, 2) and layout[0].batch_size == 3
-    moved = layout_to(layout, torch.device('cpu'))
-    assert all(torch.equal(a.attention[k].index, b.attention[k].index)
-               for a, b in zip(layout, moved) for k in a.attention)
-    _, mask, _ = LayoutCollate(specs, 0.5, per_image=False)([(torch.randn(3, 64, 64),)] * 2)
-    assert mask.shape == (2, 2)
+    (images,), packed = collate([(torch.randn(3, 64, 64),) for _ in range(3)])
+    assert images.shape == (3, 3, 64, 64) and packed.mask.shape == (3, 2, 2)
+    assert packed.buffer.ndim == 1  # one buffer: one shared-memory handle from a worker
+    moved = layout_to(packed, torch.device('cpu'))
+    mask = moved[0].mask
+    built = build_visible_layout(mask, specs, 3)
+    for a, b in zip(built, moved):
+        assert a.batch_size == 3 and a.token_index.dtype == b.token_index.dtype == torch.long
+        assert torch.equal(a.token_index, b.token_index) and (a.merge_index is None or torch.equal(
+            a.merge_index, b.merge_index))
+        assert all(torch.equal(a.attention[k].index, b.attention[k].index) for k in a.attention)
+    mim = greenmim.GreenMIM(_model('green_swin_tiny'), decoder_dim=32, decoder_heads=4).eval()
+    with torch.no_grad():
+        assert torch.equal(mim.forward_masked(images, mask, moved).loss, mim(images, mask).loss)
+    _, packed = LayoutCollate(specs, 0.5, per_image=False)([(torch.randn(3, 64, 64),)] * 2)
+    assert packed.mask.shape == (2, 2)
 
 
 # ------------------------------------------------------------------------------------------------ encoders
