@@ -9,7 +9,8 @@ DataLoader workers build it), and step time.
 batch's mask), over ``--draws`` random draws; (b) the median host time of the layout at ``--batch`` for both kinds,
 and how long the training process waits per batch for (images, masks, layout) when a ``LayoutCollate`` in a
 DataLoader with ``--workers`` workers builds the layouts, while the training process spends ``--step-ms`` per step
-(a sleep standing in for the accelerator's step; 0: the worst case, it only waits); (c) GreenMIM step time
+(a sleep standing in for the accelerator's step; 0: the worst case, it only waits), against the wait for the
+samples alone; (c) GreenMIM step time
 (forward + backward) at ``--step-batch`` per-image vs batch-wise, interleaved.
 """
 import argparse
@@ -21,7 +22,7 @@ import time
 import numpy as np
 import timm
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 import greenmim
 from greenmim.grouping import LayoutCollate, build_visible_layout, grouping_cost, layout_to
@@ -73,21 +74,23 @@ class _Trivial(torch.utils.data.Dataset):
 def worker_wait(specs, batch, workers, batches, step_ms):
     """Median / max time (ms) the training process waits per batch for (samples, masks, layout) built by a
     ``LayoutCollate`` in ``workers`` DataLoader workers, plus moving the layout (:func:`layout_to`), while it spends
-    ``step_ms`` per step (the first batch, the workers' start-up, is left out)."""
-    loader = DataLoader(_Trivial(), batch_size=batch, num_workers=workers, prefetch_factor=2,
-                        collate_fn=LayoutCollate(specs, 0.75), persistent_workers=False)
-    waits = []
-    it = iter(loader)
-    for i in range(batches + 1):
-        t = time.perf_counter()
-        _, packed = next(it)
-        layout_to(packed, torch.device('cpu'))
-        if i:
-            waits.append(1e3 * (time.perf_counter() - t))
-        time.sleep(step_ms / 1e3)
-    del it
-    return dict(median_ms=statistics.median(waits), max_ms=max(waits), step_ms=step_ms, workers=workers,
-                batches=batches)
+    ``step_ms`` per step; and, as the baseline, for the samples alone (``default_collate``). The first batch, the
+    workers' start-up, is left out."""
+    result = dict(step_ms=step_ms, workers=workers, batches=batches)
+    for name, collate in (('samples_only', default_collate), ('with_layout', LayoutCollate(specs, 0.75))):
+        it = iter(DataLoader(_Trivial(), batch_size=batch, num_workers=workers, collate_fn=collate))
+        waits = []
+        for i in range(batches + 1):
+            t = time.perf_counter()
+            item = next(it)
+            if name == 'with_layout':
+                layout_to(item[1], torch.device('cpu'))
+            if i:
+                waits.append(1e3 * (time.perf_counter() - t))
+            time.sleep(step_ms / 1e3)
+        del it
+        result[name] = dict(median_ms=statistics.median(waits), max_ms=max(waits))
+    return result
 
 
 def step_times(model_name, model_kwargs, img_size, batch, steps, gen):
@@ -117,7 +120,7 @@ def main():
     parser.add_argument('--batches', type=int, default=30, help='DataLoader batches timed per --step-ms')
     parser.add_argument('--step-ms', type=float, nargs='+', default=[0.0, 200.0])
     parser.add_argument('--step-batch', type=int, default=8)
-    parser.add_argument('--steps', type=int, default=3)
+    parser.add_argument('--steps', type=int, default=4)
     parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results',
                                                       'per_image_masks_cpu.json'))
     args = parser.parse_args()
@@ -140,8 +143,9 @@ def main():
           {k: f'{v["median_ms"]:.1f} ms median' for k, v in host.items()})
     waits = [worker_wait(specs, args.batch, args.workers, args.batches, ms) for ms in args.step_ms]
     for w in waits:
-        print(f'training process waits {w["median_ms"]:.2f} ms median ({w["max_ms"]:.2f} max) per batch '
-              f'with {w["workers"]} workers and a {w["step_ms"]:.0f} ms step')
+        print(f'training process waits per batch with {w["workers"]} workers and a {w["step_ms"]:.0f} ms step: '
+              f'{w["with_layout"]["median_ms"]:.2f} ms median ({w["with_layout"]["max_ms"]:.2f} max) with the '
+              f'layout, {w["samples_only"]["median_ms"]:.2f} ms ({w["samples_only"]["max_ms"]:.2f}) without')
     steps = step_times(model_name, model_kwargs, img_size, args.step_batch, args.steps, gen)
     print(f'step (forward + backward) at batch {args.step_batch}:',
           {k: f'{v["median_ms"]:.0f} ms median' for k, v in steps.items()})
