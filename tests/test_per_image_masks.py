@@ -28,14 +28,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASKS = torch.tensor([[[1, 0], [0, 1]], [[1, 1], [0, 0]], [[0, 1], [1, 0]], [[0, 0], [1, 1]]], dtype=torch.bool)
 
 
-@pytest.fixture(params=['torch', 'triton'])
-def backend(request, monkeypatch):
-    if request.param == 'triton' and os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available():
-        pytest.skip('Triton needs CUDA or TRITON_INTERPRET=1 at start-up')
-    monkeypatch.setenv('GREENMIM_BACKEND', request.param)
-    return request.param
-
-
 # ------------------------------------------------------------------------------------------------ masks
 def test_random_mask_per_image():
     masks = random_mask((7, 7), 0.75, torch.Generator().manual_seed(0), batch_size=16)
@@ -44,24 +36,6 @@ def test_random_mask_per_image():
     assert len({m.flatten().tolist().__str__() for m in masks}) == 16  # different masks
     assert torch.equal(masks, random_mask((7, 7), 0.75, torch.Generator().manual_seed(0), batch_size=16))
     check_mask(masks, (7, 7), 16)
-
-
-@pytest.mark.parametrize('mask,batch,match', [
-    (torch.tensor([[[1, 0], [0, 0]], [[1, 1], [0, 0]]], dtype=torch.bool), 2, 'same number of visible units'),
-    (torch.tensor([[[0, 0], [0, 0]], [[0, 0], [0, 0]]], dtype=torch.bool), 2, r'no visible unit \(image 0\)'),
-    (MASKS, 3, '4 masks for 3 images'),
-    (MASKS[:, :1], 4, 'mask shape'),
-    (MASKS[None], 4, 'mask shape'),
-])
-def test_bad_per_image_masks_raise(mask, batch, match):
-    model = _model('green_swin_tiny')
-    images = torch.randn(batch, 3, 64, 64)
-    with pytest.raises(ValueError, match=match):
-        model.forward_visible(images, mask)
-    with pytest.raises(ValueError, match=match):
-        greenmim.GreenMIM(model)(images, mask)
-    with pytest.raises(ValueError, match=match):
-        greenmim.SimMIM(model)(images, mask)
 
 
 def test_per_image_mask_with_an_all_visible_image_raises():
