@@ -104,7 +104,7 @@ def step_times(model_name, model_kwargs, img_size, batch, steps, gen):
             mask = greenmim.random_mask(mim.grid_size, 0.75, gen, size)
             t = time.perf_counter()
             mim(images, mask).loss.backward()
-            mim.zero_grad(set_to_none=True)
+            mim.zero_grad(set_to_none=False)  # gradient buffers reused: fresh ones page-fault on a busy host
             if i:  # the first round warms up
                 times[kind].append(1e3 * (time.perf_counter() - t))
     return {k: dict(median_ms=statistics.median(v), times_ms=v) for k, v in times.items()}
