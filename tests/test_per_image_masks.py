@@ -224,6 +224,8 @@ def test_pretrain_mask_mode_image_runs_and_resumes(tmp_path):
     assert first.losses + resumed.losses == full.losses  # bitwise
     batch = pretrain(tiny_pretrain_config(tmp_path / 'batch', data=str(photos), epochs=2))
     assert batch.losses != full.losses
+    with pytest.raises(ValueError, match='trained with --mask-mode image, this run has --mask-mode batch'):
+        pretrain(tiny_pretrain_config(tmp_path / 'full', data=str(photos), epochs=3, resume=str(tmp_path / 'full')))
 
 
 def test_pretrain_cli_mask_mode_flag(tmp_path):
