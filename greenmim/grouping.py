@@ -17,21 +17,35 @@ units: the children of each token in the previous stage (patch merging, strided 
 each pooled cell (the stride-``p`` convolution of global sub-sampled attention) and the neighbour map of a
 depthwise convolution (:func:`greenmim.kernels.neighbour_map`).
 
-Everything here is a pure function of the mask, runs on the host with numpy on grids of at most a few thousand
-tokens (the neighbour map: vectorised torch on the target device), and is computed once per step for all blocks
-(:func:`build_visible_layout`).
+Per-image masks (``[B, Hm, Wm]``, every image with the same number of visible units): the segments of all images
+are packed together, one ``g_s`` per (stage, window, shift) for the batch (Eq. 7/8 over the pooled segments; a
+group may hold segments of several images, which never attend to each other since segment ids are unique across
+images). Segment sizes are small integers with many repeats, so the pooled packing works on their histogram
+(:func:`pack_histogram`): each max-subset DP runs over the distinct sizes (binary-split counts) and the subset
+found is repeated while the remaining multiset still holds it. A repeated maximal subset is still maximal
+(removing items cannot raise the best fill), so this is Algorithm 1 on the pooled multiset, with the same
+guarantee: any two groups together hold more than ``g_s`` tokens (else the earlier one was not maximal), hence
+``n_groups < 2 * total / g_s + 1``, at most twice the optimum ``ceil(total / g_s)``.
+
+Everything here is a pure function of the mask, runs on the host with numpy, vectorised over the images (the
+neighbour map: vectorised torch on the target device), and is computed once per step for all blocks
+(:func:`build_visible_layout`; it can run in DataLoader workers: :class:`LayoutCollate`, :func:`layout_to`).
 """
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from greenmim.kernels import neighbour_map
+from greenmim.masking import random_mask
 
 __all__ = [
-    'max_subset', 'pack_segments', 'optimal_grouping', 'grouping_cost',
-    'AttentionLayout', 'StageLayout', 'StageSpec', 'check_stage_specs', 'build_visible_layout',
+    'max_subset', 'pack_segments', 'optimal_grouping', 'grouping_cost', 'pack_histogram', 'optimal_histogram_grouping',
+    'AttentionLayout', 'StageLayout', 'StageSpec', 'check_stage_specs', 'build_visible_layout', 'layout_to',
+    'LayoutCollate', 'PackedLayout', 'PackedMap', 'pack_layout',
 ]
 
 Shift = Tuple[int, int]
@@ -94,19 +108,79 @@ def optimal_grouping(
     """
     if group_size is not None:
         return pack_segments(sizes, group_size), group_size
-    total = sum(sizes)
+    return _sweep(lambda g: pack_segments(sizes, g), len, max(sizes), sum(sizes), channels)
+
+
+def _sweep(pack, num_groups, largest: int, total: int, channels: int):
+    """Eq. 8 sweep of ``g_s`` over ``[largest, total]``: ``(pack(g_s), g_s)`` of least cost, ``num_groups(packing)``
+    groups each, with the early-stop bounds of the module docstring."""
     best, best_cost = None, None
-    for g in range(max(sizes), total + 1):
+    for g in range(largest, total + 1):
         if best_cost is not None:
             if total * (4 * channels ** 2 + 2 * g * channels) >= best_cost:
                 break  # bound of this and every larger g_s
             if grouping_cost(-(-total // g), g, channels) >= best_cost:
                 continue  # needs at least ceil(total / g_s) groups
-        groups = pack_segments(sizes, g)
-        cost = grouping_cost(len(groups), g, channels)
+        packing = pack(g)
+        cost = grouping_cost(num_groups(packing), g, channels)
         if best_cost is None or cost < best_cost:
-            best, best_cost = (groups, g), cost
+            best, best_cost = (packing, g), cost
     return best
+
+
+Packing = List[Tuple[np.ndarray, int]]
+
+
+def pack_histogram(counts: Sequence[int], group_size: int) -> Packing:
+    """Algorithm 1 on a multiset of segment sizes given as a histogram (``counts[w]`` segments of ``w`` tokens).
+
+    Returns ``[(pattern, repeats)]``: ``repeats`` groups, each holding ``pattern[w]`` segments of size ``w``
+    (``pattern`` int64 like ``counts``). Each pattern is a maximal subset (Eq. 7) of what is left, found by
+    :func:`max_subset` over the counts split in binary chunks, and repeated while the rest still holds it; any two
+    groups hold more than ``group_size`` tokens together, so ``n_groups < 2 * sum / group_size + 1``.
+    """
+    counts = np.array(counts, dtype=np.int64)
+    sizes = np.arange(len(counts))
+    if counts[group_size + 1:].any():
+        raise ValueError(f'group_size {group_size} is smaller than the largest segment '
+                         f'({int(np.nonzero(counts)[0][-1])} tokens)')
+    left = int(counts @ sizes)
+    packing = []
+    while left:
+        if left <= group_size:
+            packing.append((counts, 1))
+            break
+        chunks = []  # (size, number of segments): the usable counts in binary chunks, largest size first
+        for w in np.nonzero(counts)[0][::-1].tolist():
+            c, k = min(int(counts[w]), group_size // w), 1  # no group holds more than group_size // w of them
+            while c:
+                chunks.append((w, min(k, c)))
+                c -= chunks[-1][1]
+                k *= 2
+        pattern = np.zeros_like(counts)
+        for i in max_subset([w * k for w, k in chunks], group_size):
+            pattern[chunks[i][0]] += chunks[i][1]
+        used = pattern > 0
+        repeats = int((counts[used] // pattern[used]).min())
+        packing.append((pattern, repeats))
+        counts = counts - repeats * pattern
+        left -= repeats * int(pattern @ sizes)
+    return packing
+
+
+def optimal_histogram_grouping(
+        counts: Sequence[int],
+        channels: int,
+        group_size: Optional[int] = None,
+) -> Tuple[Packing, int]:
+    """:func:`optimal_grouping` of the segment-size histogram ``counts``: ``(packing, g_s)``, the packing of
+    :func:`pack_histogram` for the ``g_s`` of least Eq. 8 cost (or ``group_size``)."""
+    if group_size is not None:
+        return pack_histogram(counts, group_size), group_size
+    counts = np.asarray(counts, dtype=np.int64)
+    largest, total = int(np.nonzero(counts)[0][-1]), int(counts @ np.arange(len(counts)))
+    return _sweep(lambda g: pack_histogram(counts, g), lambda packing: sum(r for _, r in packing),
+                  largest, total, channels)
 
 
 @dataclass(frozen=True)
@@ -133,19 +207,23 @@ class AttentionLayout:
 class StageLayout:
     """Visible tokens of one stage.
 
+    A batch-wise mask gives index tensors of one image (``[N]``, ``[M, k]``), the same for every image; a per-image
+    mask gives them per image (``[B, N]``, ``[B, M, k]``), child indices then addressing the flattened ``[B * N']``
+    tokens of the previous stage.
+
     Attributes:
         grid_size: ``(Rh, Rw)`` token grid of the stage.
         num_tokens: ``N``, visible tokens per image.
-        token_index: long ``[N]`` raster index (in ``Rh * Rw``) of each visible token.
-        merge_index: long ``[N, f * f]`` for a stage that embeds ``f x f`` neighbourhoods of the previous stage's
-            tokens: index of each token's children in the previous stage's visible tokens (order: the spec's
-            ``children_order``); ``None`` for the first stage.
+        token_index: long ``[N]`` or ``[B, N]``: raster index (in ``Rh * Rw``) of each visible token.
+        merge_index: long ``[N, f * f]`` or ``[B, N, f * f]`` for a stage that embeds ``f x f`` neighbourhoods of the
+            previous stage's tokens: index of each token's children in the previous stage's visible tokens (order:
+            the spec's ``children_order``); ``None`` for the first stage.
         attention: ``{(window, shift): AttentionLayout}`` for each block configuration of the stage.
         batch_size: ``B``, the number of images the attention index maps and ``neighbours`` address.
-        mask: bool ``[Hm, Wm]`` on the CPU, the mask the layout was built for.
-        pool_index: long ``[M, p * p]`` for a stage with ``pool_size`` ``p``: the visible tokens under each of the
-            ``M`` visible ``p x p`` cells (raster order of the pooled grid; tokens in a convolution weight's
-            ``(kh, kw)`` order); ``None`` otherwise.
+        mask: bool ``[Hm, Wm]`` or ``[B, Hm, Wm]`` on the CPU, the mask the layout was built for.
+        pool_index: long ``[M, p * p]`` or ``[B, M, p * p]`` for a stage with ``pool_size`` ``p``: the visible tokens
+            under each of the ``M`` visible ``p x p`` cells (raster order of the pooled grid; tokens in a convolution
+            weight's ``(kh, kw)`` order); ``None`` otherwise.
         neighbours: int32 ``[B * N, kh * kw]`` for a stage with a ``conv_kernel``: the neighbour map of a
             stride-1 depthwise convolution over the flattened batch (-1 = masked or outside); ``None`` otherwise.
     """
@@ -217,10 +295,10 @@ def check_stage_specs(specs: Sequence[StageSpec], mask_grid: Tuple[int, int]) ->
 
 
 def _segments(coords: np.ndarray, grid: Tuple[int, int], window: Window, shift: Shift):
-    """Segment id and in-window position of each token ``coords [N, 2]`` under ``window`` and ``shift``."""
+    """Segment id and in-window position of each token ``coords [..., 2]`` under ``window`` and ``shift``."""
     (rh, rw), (wh, ww), (sh, sw) = grid, window, shift
-    h = (coords[:, 0] - sh) % rh
-    w = (coords[:, 1] - sw) % rw
+    h = (coords[..., 0] - sh) % rh
+    w = (coords[..., 1] - sw) % rw
     win = (h // wh) * (rw // ww) + (w // ww)
     # Swin's shift regions in the rolled frame: [0, R - W), [R - W, R - s), [R - s, R)
     reg_h = (h >= rh - wh).astype(np.int64) + (h >= rh - sh).astype(np.int64) if sh else np.zeros_like(h)
@@ -228,46 +306,78 @@ def _segments(coords: np.ndarray, grid: Tuple[int, int], window: Window, shift: 
     return win * 9 + reg_h * 3 + reg_w, (h % wh) * ww + (w % ww)
 
 
+def _place_groups(sizes: np.ndarray, channels: int, group_size: Optional[int], pooled: bool):
+    """Group and first slot of each segment (``sizes [K]``), and ``g_s``: :func:`optimal_grouping` of the list, or
+    with ``pooled`` :func:`optimal_histogram_grouping` of its histogram (segments of a size taken in order)."""
+    group, offset = np.empty(len(sizes), np.int64), np.empty(len(sizes), np.int64)
+    if not pooled:
+        groups, g_s = optimal_grouping(sizes.tolist(), channels, group_size)
+        for g, members in enumerate(groups):
+            group[members], offset[members] = g, np.cumsum(sizes[members]) - sizes[members]
+        return group, offset, g_s
+    packing, g_s = optimal_histogram_grouping(np.bincount(sizes), channels, group_size)
+    by_size = np.argsort(sizes, kind='stable')
+    taken = np.searchsorted(sizes[by_size], np.arange(len(packing[0][0])))  # next unplaced segment of each size
+    first = 0
+    for pattern, repeats in packing:
+        slot = 0
+        for w in np.nonzero(pattern)[0][::-1]:
+            k = int(pattern[w])
+            i = np.arange(k * repeats)
+            segments = by_size[taken[w]:taken[w] + k * repeats]
+            group[segments], offset[segments] = first + i // k, slot + (i % k) * w
+            taken[w] += k * repeats
+            slot += k * int(w)
+        first += repeats
+    return group, offset, g_s
+
+
 def _attention_slots(coords, grid, window, shift, channels, group_size):
-    """``[3, G, S]`` int32 (token index, segment, position) for one image."""
+    """``[3, G, S]`` int32 (token index into the flattened ``[I * N]``, segment, position) for the tokens
+    ``coords [I, N, 2]`` of ``I`` images: Algorithm 1 for one image, the pooled packing for several."""
     segment, position = _segments(coords, grid, window, shift)
+    windows = (grid[0] // window[0]) * (grid[1] // window[1])
+    segment = (segment + 9 * windows * np.arange(len(coords))[:, None]).ravel()  # unique across images
+    position = position.ravel()
     order = np.argsort(segment, kind='stable')
-    seg_ids, starts, counts = np.unique(segment[order], return_index=True, return_counts=True)
-    groups, g_s = optimal_grouping(counts.tolist(), channels, group_size)
-    slots = np.full((3, len(groups), g_s), -1, dtype=np.int32)
+    _, starts, counts = np.unique(segment[order], return_index=True, return_counts=True)
+    group, offset, g_s = _place_groups(counts, channels, group_size, pooled=len(coords) > 1)
+    of_token = np.repeat(np.arange(len(counts)), counts)  # segment of each token in ``order``
+    g, s = group[of_token], offset[of_token] + np.arange(len(order)) - starts[of_token]
+    slots = np.full((3, int(group.max()) + 1, g_s), -1, dtype=np.int32)
     slots[2] = 0
-    for g, members in enumerate(groups):
-        tokens = np.concatenate([order[starts[m]:starts[m] + counts[m]] for m in members])
-        slots[0, g, :len(tokens)] = tokens
-        slots[1, g, :len(tokens)] = segment[tokens]
-        slots[2, g, :len(tokens)] = position[tokens]
+    slots[:, g, s] = order, segment[order], position[order]
     return slots
 
 
 def _visible_coords(unit: np.ndarray, grid: Tuple[int, int]) -> np.ndarray:
-    """``[N, 2]`` (row, col) of the visible cells of ``grid`` under the unit mask ``unit``, raster order."""
-    visible = np.repeat(np.repeat(unit, grid[0] // unit.shape[0], axis=0), grid[1] // unit.shape[1], axis=1)
-    return np.argwhere(visible)
+    """``[I, N, 2]`` (row, col) of the visible cells of ``grid`` under the unit masks ``unit [I, Hm, Wm]`` (each
+    with ``N`` visible cells), raster order."""
+    visible = np.repeat(np.repeat(unit, grid[0] // unit.shape[1], axis=1), grid[1] // unit.shape[2], axis=2)
+    return np.argwhere(visible)[:, 1:].reshape(len(unit), -1, 2)
 
 
-def _children(coords: np.ndarray, fine_lookup: np.ndarray, factor: int, order: str) -> torch.Tensor:
-    """long ``[N, f * f]``: the fine-grid tokens (``fine_lookup [f Rh, f Rw]``, token or -1) under each coarse cell
-    ``coords [N, 2]``, in ``order`` (:data:`CHILDREN_ORDERS`)."""
+def _children(coords: np.ndarray, fine_lookup: np.ndarray, factor: int, order: str) -> np.ndarray:
+    """``[I, N, f * f]``: the fine-grid tokens (``fine_lookup [I, f Rh, f Rw]``, token or -1) under each coarse cell
+    ``coords [I, N, 2]``, in ``order`` (:data:`CHILDREN_ORDERS`)."""
     offsets = [(dh, dw) for dh in range(factor) for dw in range(factor)]
     if order == 'columns':
         offsets = [(dh, dw) for dw, dh in offsets]
-    return torch.from_numpy(np.stack([fine_lookup[factor * coords[:, 0] + dh, factor * coords[:, 1] + dw]
-                                      for dh, dw in offsets], 1))
+    image = np.arange(len(coords))[:, None]
+    return np.stack([fine_lookup[image, factor * coords[..., 0] + dh, factor * coords[..., 1] + dw]
+                     for dh, dw in offsets], -1)
 
 
 def _attention_layouts(coords, spec: StageSpec, batch_size: int, device, group_size) -> Dict:
-    """``{(window, shift): AttentionLayout}`` over the batch for every block configuration of ``spec``."""
+    """``{(window, shift): AttentionLayout}`` over the batch for every block configuration of ``spec``; the slots
+    of a batch-wise mask (``coords`` of one image) are repeated for every image."""
     attention = {}
+    copies, n = batch_size // len(coords), coords.shape[0] * coords.shape[1]
     for window, shift in spec.windows:
         slots = _attention_slots(coords, spec.grid_size, window, shift, spec.channels, group_size)
         g = slots.shape[1]
-        batched = np.tile(slots, (1, batch_size, 1))
-        offsets = np.repeat(np.arange(batch_size, dtype=np.int32) * len(coords), g)[:, None]
+        batched = np.tile(slots, (1, copies, 1))
+        offsets = np.repeat(np.arange(copies, dtype=np.int32) * n, g)[:, None]
         batched[0] = np.where(batched[0] >= 0, batched[0] + offsets, -1)
         index, segment, position = torch.from_numpy(batched).to(device).unbind(0)
         attention[(window, shift)] = AttentionLayout(index, segment, position, window)
@@ -281,36 +391,45 @@ def build_visible_layout(
         device: Optional[torch.device] = None,
         group_size: Optional[int] = None,
 ) -> List[StageLayout]:
-    """Per-stage layout of the visible tokens for a batch sharing ``mask``.
+    """Per-stage layout of the visible tokens for a batch sharing ``mask`` or with one mask per image.
 
     Args:
-        mask: bool ``[Hm, Wm]`` on any device, True = visible; the grid of the last stage.
+        mask: bool ``[Hm, Wm]`` (one mask for the batch) or ``[B, Hm, Wm]`` (one per image, each with the same
+            number of visible units) on any device, True = visible; the grid of the last stage.
         specs: one :class:`StageSpec` per stage, lined up with the mask units (:func:`check_stage_specs`).
-        batch_size: ``B``; groups are laid out per image, so attention index maps address ``B * N`` tokens.
+        batch_size: ``B``; attention index maps address the flattened ``[B * N]`` tokens (groups of a batch-wise
+            mask hold one image's tokens, repeated per image; per-image masks pack all images' segments together).
         device: where the index tensors go (one host-to-device copy per tensor).
         group_size: fixed ``g_s`` for every stage instead of the Eq. 8 sweep.
     """
     host_mask = mask.detach().to('cpu', torch.bool)
-    unit = host_mask.numpy()
-    check_stage_specs(specs, unit.shape)
+    per_image = host_mask.ndim == 3
+    if per_image and host_mask.shape[0] != batch_size:
+        raise ValueError(f'per-image mask has {host_mask.shape[0]} masks for batch size {batch_size}')
+    unit = host_mask.numpy().reshape(-1, *host_mask.shape[-2:])  # [I, Hm, Wm], I = B or 1
+    check_stage_specs(specs, unit.shape[1:])
+
+    def to_device(array):  # per image [B, ...], or the one image's [...] for a batch-wise mask
+        return torch.from_numpy(np.ascontiguousarray(array if per_image else array[0])).to(device)
+
+    image = np.arange(len(unit))[:, None]
     layouts = []
     prev_lookup = None
     for spec in specs:
         rh, rw = spec.grid_size
         coords = _visible_coords(unit, spec.grid_size)
-        n = len(coords)
+        n = coords.shape[1]
         merge_index = None
         if spec.merges_previous_stage:
-            factor = prev_lookup.shape[0] // rh
-            merge_index = _children(coords, prev_lookup, factor, spec.children_order).to(device)
-        lookup = np.full((rh, rw), -1, dtype=np.int64)
-        lookup[coords[:, 0], coords[:, 1]] = np.arange(n)
+            factor = prev_lookup.shape[1] // rh
+            merge_index = to_device(_children(coords, prev_lookup, factor, spec.children_order))
+        lookup = np.full((len(unit), rh, rw), -1, dtype=np.int64)
+        lookup[image, coords[..., 0], coords[..., 1]] = np.arange(coords.shape[0] * n).reshape(-1, n)
         pool_index = None
         if spec.pool_size is not None:
             p = spec.pool_size
-            cells = _visible_coords(unit, (rh // p, rw // p))
-            pool_index = _children(cells, lookup, p, 'rows').to(device)
-        token_index = torch.from_numpy(coords[:, 0] * rw + coords[:, 1]).to(device)
+            pool_index = to_device(_children(_visible_coords(unit, (rh // p, rw // p)), lookup, p, 'rows'))
+        token_index = to_device(coords[..., 0] * rw + coords[..., 1])
         layouts.append(StageLayout(
             grid_size=(rh, rw),
             num_tokens=n,
@@ -325,3 +444,83 @@ def build_visible_layout(
         ))
         prev_lookup = lookup
     return layouts
+
+
+def _map_index_maps(layout: Sequence[StageLayout], kind: type, fn) -> List[StageLayout]:
+    """``layout`` with ``fn`` applied to every index map of type ``kind`` (not the host ``mask``)."""
+    def apply(item):
+        return replace(item, **{f.name: fn(getattr(item, f.name)) for f in fields(item)
+                                if f.name != 'mask' and isinstance(getattr(item, f.name), kind)})
+    return [replace(apply(stage), attention={key: apply(att) for key, att in stage.attention.items()})
+            for stage in layout]
+
+
+class PackedLayout(NamedTuple):
+    """A CPU layout whose index maps are slices of one byte ``buffer`` (one shared-memory handle from a DataLoader
+    worker, one host-to-device copy), with the ``mask`` as a numpy array (pickled inline): in ``layout`` each map
+    is a :class:`PackedMap` and the mask ``None``."""
+    buffer: torch.Tensor
+    mask: np.ndarray
+    layout: List[StageLayout]
+
+
+class PackedMap(NamedTuple):
+    """Where an index map lies in a :class:`PackedLayout`'s buffer (byte offset, a multiple of 8), its shape and
+    dtype."""
+    start: int
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+
+
+def pack_layout(layout: Sequence[StageLayout]) -> PackedLayout:
+    """Every index map of ``layout`` (CPU) into one byte buffer."""
+    chunks, start = [], 0
+
+    def place(tensor):
+        nonlocal start
+        data = tensor.contiguous().flatten().view(torch.uint8)
+        chunks.extend([data, data.new_zeros(-data.numel() % 8)])  # keep every map 8-byte aligned
+        start += chunks[-2].numel() + chunks[-1].numel()
+        return PackedMap(start - chunks[-2].numel() - chunks[-1].numel(), tuple(tensor.shape), tensor.dtype)
+
+    packed = _map_index_maps(layout, torch.Tensor, place)
+    return PackedLayout(torch.cat(chunks), layout[0].mask.numpy(), [replace(stage, mask=None) for stage in packed])
+
+
+def layout_to(layout, device: torch.device) -> List[StageLayout]:
+    """A layout, or a :class:`PackedLayout` (one copy of its buffer, then views), with its index maps on
+    ``device``."""
+    if not isinstance(layout, PackedLayout):
+        return _map_index_maps(layout, torch.Tensor, lambda tensor: tensor.to(device, non_blocking=True))
+    buffer, mask = layout.buffer.to(device, non_blocking=True), torch.from_numpy(layout.mask)
+    return _map_index_maps([replace(stage, mask=mask) for stage in layout.layout], PackedMap, lambda m: buffer[
+        m.start:m.start + math.prod(m.shape) * m.dtype.itemsize].view(m.dtype).view(m.shape))
+
+
+class LayoutCollate:
+    """DataLoader ``collate_fn`` that also draws the batch's masks and builds their CPU layout, in the worker
+    processes: the training process only moves the layout to its device (:func:`layout_to`; the mask is its
+    ``[0].mask``).
+
+    Args:
+        specs: the encoder's ``stage_specs()``; the mask grid is the last stage's.
+        mask_ratio: as :func:`greenmim.masking.random_mask`, drawn from the worker's RNG (seeded per worker by the
+            DataLoader).
+        per_image: one mask per image (``[B, Hm, Wm]``) or one for the batch (``[Hm, Wm]``).
+        group_size: fixed ``g_s`` (:func:`build_visible_layout`).
+        collate: collates the samples; the batch size is ``len(samples)``.
+
+    Returns ``(collate(samples), packed)``, the layout as a :class:`PackedLayout`: its index maps travel from the
+    worker in one shared-memory buffer, where each tensor would cost a handle of its own.
+    """
+
+    def __init__(self, specs: Sequence[StageSpec], mask_ratio: float, per_image: bool = True,
+                 group_size: Optional[int] = None, collate: Callable = default_collate):
+        self.specs, self.mask_ratio, self.per_image = list(specs), mask_ratio, per_image
+        self.group_size, self.collate = group_size, collate
+
+    def __call__(self, samples):
+        batch_size = len(samples)
+        mask = random_mask(self.specs[-1].grid_size, self.mask_ratio, batch_size=batch_size if self.per_image else None)
+        layout = build_visible_layout(mask, self.specs, batch_size, torch.device('cpu'), self.group_size)
+        return self.collate(samples), pack_layout(layout)

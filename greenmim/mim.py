@@ -13,13 +13,17 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from greenmim.checkpoint import wrapper_metadata
-from greenmim.masking import num_visible, random_mask, upsample_mask
+from greenmim.masking import num_visible, random_mask, unit_indices, upsample_mask
 
-__all__ = ['MIMOutput', 'GreenMIM', 'SimMIM', 'patchify', 'unpatchify', 'mim_from_metadata', 'decoder_pos_embed']
+__all__ = ['MIMOutput', 'GreenMIM', 'SimMIM', 'patchify', 'unpatchify', 'mim_from_metadata', 'decoder_pos_embed',
+           'MASK_MODES']
+
+MASK_MODES = ('batch', 'image')  # one mask for the batch (the paper's), or one per image
 
 
 class MIMOutput(NamedTuple):
-    """``loss``: scalar; ``pred``: ``[B, L, u*u*C]`` predicted pixels per unit; ``mask``: bool ``[Hm, Wm]``."""
+    """``loss``: scalar; ``pred``: ``[B, L, u*u*C]`` predicted pixels per unit; ``mask``: the bool mask used,
+    ``[Hm, Wm]`` (batch-wise) or ``[B, Hm, Wm]`` (per image)."""
     loss: torch.Tensor
     pred: torch.Tensor
     mask: torch.Tensor
@@ -74,10 +78,13 @@ class _MIMBase(nn.Module):
     """Encoder, mask grid, mask sampling and the call shared by GreenMIM and SimMIM (which implement
     :meth:`forward_masked`)."""
 
-    def __init__(self, encoder, mask_ratio: float, **encoder_kwargs):
+    def __init__(self, encoder, mask_ratio: float, mask_mode: str = 'batch', **encoder_kwargs):
         super().__init__()
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f'mask_mode must be one of {MASK_MODES}, got {mask_mode!r}')
         self.encoder = _create_encoder(encoder, **encoder_kwargs)
         self.mask_ratio = mask_ratio
+        self.mask_mode = mask_mode
         self.unit = self.encoder.mask_unit_size
         self.grid_size = self.encoder.mask_grid_size
         units = self.grid_size[0] * self.grid_size[1]
@@ -88,13 +95,18 @@ class _MIMBase(nn.Module):
                 f'mask_ratio {mask_ratio} masks no unit of the {self.grid_size[0]}x{self.grid_size[1]} mask grid '
                 f'(all {units} stay visible), so there is nothing to reconstruct: {fix}')
 
-    def sample_mask(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """A random bool ``[Hm, Wm]`` mask (True = visible) on the CPU."""
-        return random_mask(self.grid_size, self.mask_ratio, generator)
+    def sample_mask(self, generator: Optional[torch.Generator] = None, batch_size: Optional[int] = None
+                    ) -> torch.Tensor:
+        """A random bool mask (True = visible) on the CPU: ``[Hm, Wm]``, or with ``mask_mode='image'`` one per
+        image, ``[batch_size, Hm, Wm]``."""
+        per_image = self.mask_mode == 'image'
+        if per_image and batch_size is None:
+            raise ValueError("mask_mode='image' draws one mask per image: pass batch_size")
+        return random_mask(self.grid_size, self.mask_ratio, generator, batch_size if per_image else None)
 
     def wrapper_kwargs(self) -> dict:
         """Keyword arguments that rebuild this wrapper (decoder included) around the same encoder."""
-        return {'mask_ratio': self.mask_ratio}
+        return {'mask_ratio': self.mask_ratio, 'mask_mode': self.mask_mode}
 
     def no_weight_decay(self):
         return {f'encoder.{n}' for n in self.encoder.no_weight_decay()} | {'mask_token'}
@@ -105,13 +117,14 @@ class _MIMBase(nn.Module):
             mask: Optional[torch.Tensor] = None,
             generator: Optional[torch.Generator] = None,
     ) -> MIMOutput:
-        """Images ``[B, C, H, W]`` -> :class:`MIMOutput`; ``mask`` (bool ``[Hm, Wm]``, True = visible) is sampled
-        from ``generator`` when not given. The mask is checked where its layout is built."""
+        """Images ``[B, C, H, W]`` -> :class:`MIMOutput`; ``mask`` (bool ``[Hm, Wm]`` for the batch or ``[B, Hm, Wm]``
+        per image, True = visible) is sampled from ``generator`` (:meth:`sample_mask`) when not given. The mask is
+        checked where its layout is built."""
         self.encoder.check_images(images)
         if mask is None:
-            mask = self.sample_mask(generator)
-        elif (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and tuple(mask.shape) == self.grid_size
-                and bool(mask.all())):
+            mask = self.sample_mask(generator, images.shape[0])
+        elif (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and tuple(mask.shape[-2:]) == self.grid_size
+                and bool(mask.flatten(-2).all(-1).any())):
             raise ValueError('mask has no masked unit (all True = visible): MIM needs at least one unit to reconstruct')
         return self.forward_masked(images, mask)
 
@@ -129,6 +142,8 @@ class GreenMIM(_MIMBase):
         decoder_dim, decoder_depth, decoder_heads: the decoder transformer (defaults 512, 1, 16).
         norm_pix_loss: regress per-unit normalised pixels (mean 0, variance 1 per unit and image).
         group_size: fixed attention group size ``g_s`` instead of the Optimal Grouping sweep.
+        mask_mode: what :meth:`sample_mask` draws: ``'batch'`` (one mask for the batch, the paper's) or ``'image'``
+            (one per image, the same number of visible units each).
         **encoder_kwargs: passed to ``timm.create_model`` when ``encoder`` is a name.
     """
 
@@ -141,9 +156,10 @@ class GreenMIM(_MIMBase):
             decoder_heads: int = 16,
             norm_pix_loss: bool = True,
             group_size: Optional[int] = None,
+            mask_mode: str = 'batch',
             **encoder_kwargs,
     ):
-        super().__init__(encoder, mask_ratio, **encoder_kwargs)
+        super().__init__(encoder, mask_ratio, mask_mode, **encoder_kwargs)
         self.norm_pix_loss = norm_pix_loss
         self.group_size = group_size
         self.decoder_heads = decoder_heads
@@ -163,28 +179,36 @@ class GreenMIM(_MIMBase):
                     norm_pix_loss=self.norm_pix_loss, group_size=self.group_size)
 
     def forward_decoder(self, latent: torch.Tensor, visible_units: torch.Tensor) -> torch.Tensor:
-        """Final-stage tokens ``[B, n, C]`` at units ``visible_units [n]`` -> pixels of every unit ``[B, L, u*u*C]``."""
+        """Final-stage tokens ``[B, n, C]`` at units ``visible_units`` (``[n]`` for the batch, or ``[B, n]``) ->
+        pixels of every unit ``[B, L, u*u*C]``."""
         x = self.decoder_embed(latent)
-        b, _, d = x.shape
+        b, n, d = x.shape
         tokens = self.mask_token.to(x.dtype).expand(b, self.decoder_pos_embed.shape[1], d)
-        x = tokens.index_copy(1, visible_units, x) + self.decoder_pos_embed.to(x.dtype)
+        x = tokens.scatter(1, visible_units.expand(b, n)[..., None].expand(b, n, d), x)
+        x = x + self.decoder_pos_embed.to(x.dtype)
         x = self.decoder_blocks(x)
         return self.decoder_pred(self.decoder_norm(x))
 
     def loss(self, images: torch.Tensor, pred: torch.Tensor, masked_units: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over the masked units' (normalised) pixels."""
-        target = patchify(images, self.unit)[:, masked_units].float()
+        """Mean squared error over the masked units' (normalised) pixels; ``masked_units`` ``[m]`` for the batch or
+        ``[B, m]`` per image."""
+        target = patchify(images, self.unit)
+        index = masked_units.expand(target.shape[0], -1)[..., None].expand(-1, -1, target.shape[-1])
+        target = target.gather(1, index).float()
         if self.norm_pix_loss:
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** .5
-        return F.mse_loss(pred[:, masked_units].float(), target)
+        return F.mse_loss(pred.gather(1, index).float(), target)
 
-    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor) -> MIMOutput:
-        """Encoder on the visible tokens -> decoder on every unit -> loss on the masked units."""
-        layout = self.encoder.visible_layout(mask, images.shape[0], images.device, self.group_size)
+    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor, layout=None) -> MIMOutput:
+        """Encoder on the visible tokens -> decoder on every unit -> loss on the masked units; ``layout``: the
+        encoder's :meth:`visible_layout` of ``mask`` if already built (e.g. by
+        :class:`greenmim.grouping.LayoutCollate`), checked against ``mask``."""
+        if layout is None:
+            layout = self.encoder.visible_layout(mask, images.shape[0], images.device, self.group_size)
         latent = self.encoder.norm(self.encoder.forward_visible(images, mask, layout)[-1])
         pred = self.forward_decoder(latent, layout[-1].token_index)
-        masked_units = torch.nonzero(~mask.cpu().flatten()).squeeze(1).to(images.device)
+        masked_units = unit_indices(~mask.cpu()).to(images.device)
         return MIMOutput(self.loss(images, pred, masked_units), pred, mask)
 
 
@@ -193,8 +217,8 @@ class SimMIM(_MIMBase):
     shuffle) decoder, and L1 loss on masked pixels. Same call and output as :class:`GreenMIM`."""
 
     def __init__(self, encoder: Union[str, nn.Module] = 'green_swin_base', mask_ratio: float = 0.75,
-                 **encoder_kwargs):
-        super().__init__(encoder, mask_ratio, **encoder_kwargs)
+                 mask_mode: str = 'batch', **encoder_kwargs):
+        super().__init__(encoder, mask_ratio, mask_mode, **encoder_kwargs)
         embed_dim = self.encoder.stage_specs()[0].channels
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))
         self.decoder = nn.Conv2d(self.encoder.num_features, self.unit ** 2 * self.encoder.in_chans, kernel_size=1)
@@ -202,12 +226,13 @@ class SimMIM(_MIMBase):
 
     def forward_masked(self, images: torch.Tensor, mask: torch.Tensor) -> MIMOutput:
         """Dense encoder with the mask token at masked tokens -> 1x1-conv decoder -> L1 on the masked pixels."""
-        self.encoder.check_mask(mask)
+        self.encoder.check_mask(mask, images.shape[0])
         x = self.encoder.forward_masked_dense(images, mask.to(images.device), self.mask_token.view(-1))
         recon = F.pixel_shuffle(self.decoder(x), self.unit)  # [B, C, H, W]
         hidden = upsample_mask(~mask.to(images.device), self.unit)
+        hidden = hidden.view(-1, 1, *hidden.shape[-2:])  # [1 or B, 1, H, W]
         l1 = (recon.float() - images.float()).abs() * hidden
-        loss = l1.sum() / (hidden.sum() * images.shape[0] * images.shape[1])
+        loss = l1.sum() / hidden.expand_as(images).sum()
         return MIMOutput(loss, patchify(recon, self.unit), mask)
 
 

@@ -27,3 +27,12 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if 'gpu' in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(params=['torch', 'triton'])
+def backend(request, monkeypatch):
+    """Runs a test with ``GREENMIM_BACKEND=torch`` and ``=triton`` (CUDA, or the interpreter on the CPU)."""
+    if request.param == 'triton' and os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available():
+        pytest.skip('Triton needs CUDA or TRITON_INTERPRET=1 at start-up')
+    monkeypatch.setenv('GREENMIM_BACKEND', request.param)
+    return request.param

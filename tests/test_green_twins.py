@@ -1,7 +1,6 @@
 """green_twins: forward_visible of every variant vs an independent dense computation (both backends,
 gradients), models that do not line up with the mask units, the SimMIM dense path. What every family keeps is in
 test_visible_contract.py."""
-import os
 
 import pytest
 import timm
@@ -30,14 +29,6 @@ def _model(name, **kwargs):
         for block in model.pos_block:
             block.proj[0].bias.normal_()
     return model
-
-
-@pytest.fixture(params=['torch', 'triton'])
-def backend(request, monkeypatch):
-    if request.param == 'triton' and os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available():
-        pytest.skip('Triton needs CUDA or TRITON_INTERPRET=1 at start-up')
-    monkeypatch.setenv('GREENMIM_BACKEND', request.param)
-    return request.param
 
 
 @pytest.mark.parametrize('name,ratios', [

@@ -123,7 +123,7 @@ def test_neighbour_map_matches_brute_force_and_reverses_onto_itself(grid, unit, 
 def test_neighbour_map_bad_inputs():
     index = torch.tensor([0, 3, 5])
     bad = [
-        dict(token_index=index[None]), dict(token_index=index.float()), dict(token_index=index > 0),
+        dict(token_index=index.expand(2, -1)), dict(token_index=index.float()), dict(token_index=index > 0),
         dict(kernel_size=(2, 3)), dict(batch_size=0), dict(grid_size=(2, 2)),  # index 5 outside a 2x2 grid
         dict(token_index=torch.tensor([0, 3, 3])), dict(token_index=torch.tensor([-1, 3])),
     ]

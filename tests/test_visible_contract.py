@@ -107,6 +107,14 @@ def test_masked_pixels_do_not_change_visible_outputs(name):
     (torch.randn(1, 3, 64, 64), torch.zeros(2, 2, dtype=torch.bool), 'no visible unit'),
     (torch.randn(3, 64, 64), torch.ones(2, 2, dtype=torch.bool), r'\[B, C, H, W\]'),
     (torch.randn(1, 1, 64, 64), torch.ones(2, 2, dtype=torch.bool), 'channels'),
+    # per-image masks [B, Hm, Wm]
+    (torch.randn(2, 3, 64, 64), torch.tensor([[[1, 0], [0, 0]], [[1, 1], [0, 0]]], dtype=torch.bool),
+     'same number of visible units'),
+    (torch.randn(2, 3, 64, 64), torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]]], dtype=torch.bool),
+     r'no visible unit \(image 1\)'),
+    (torch.randn(3, 3, 64, 64), torch.eye(2, dtype=torch.bool).expand(4, 2, 2), '4 masks for 3 images'),
+    (torch.randn(2, 3, 64, 64), torch.eye(2, dtype=torch.bool)[None, :1].expand(2, 1, 2), 'mask shape'),
+    (torch.randn(2, 3, 64, 64), torch.eye(2, dtype=torch.bool).expand(1, 2, 2, 2), 'mask shape'),
 ])
 def test_bad_inputs_raise(name, images, mask, match):
     model = _model(name)

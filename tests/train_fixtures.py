@@ -56,8 +56,8 @@ def ddp_worker(rank: int, world_size: int, port: int, config, out_dir: str) -> N
     masks = []
     original = GreenMIM.sample_mask
 
-    def recording_sample_mask(self, generator=None):
-        mask = original(self, generator)
+    def recording_sample_mask(self, generator=None, batch_size=None):
+        mask = original(self, generator, batch_size)
         masks.append(mask.clone())
         return mask
 

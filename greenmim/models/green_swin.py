@@ -2,8 +2,8 @@
 
 The architecture, parameter names and dense forward are timm's ``SwinTransformer`` unchanged, so fine-tuning and
 inference are plain timm. :meth:`GreenSwinTransformer.forward_visible` runs the encoder on the visible tokens of a
-batch-wise mask of 32x32-pixel units only: patch embedding of visible 4x4 patches, group window attention over
-packed windows (see :mod:`greenmim.grouping`), and patch merging of all-visible 2x2 neighbourhoods.
+batch-wise or per-image mask of 32x32-pixel units only: patch embedding of visible 4x4 patches, group window
+attention over packed windows (see :mod:`greenmim.grouping`), and patch merging of all-visible 2x2 neighbourhoods.
 """
 from typing import List, Sequence
 
@@ -80,11 +80,11 @@ class GreenSwinTransformer(VisibleEncoderMixin, SwinTransformer):
 
     def forward_masked_dense(self, x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
         """Dense forward of images ``[B, C, H, W]`` with the patch embeddings of masked units (``mask``, bool
-        ``[Hm, Wm]``, True = visible) replaced by ``mask_token [E]`` (SimMIM): the final-stage features after the
-        final norm, ``[B, C_out, Hm, Wm]``."""
+        ``[Hm, Wm]`` or per image ``[B, Hm, Wm]``, True = visible) replaced by ``mask_token [E]`` (SimMIM): the
+        final-stage features after the final norm, ``[B, C_out, Hm, Wm]``."""
         x = self.patch_embed(x)  # [B, Rh, Rw, E]
-        visible = upsample_mask(mask, x.shape[1] // mask.shape[0])
-        x = torch.where(visible[None, :, :, None], x, mask_token.to(x.dtype))
+        visible = upsample_mask(mask, x.shape[1] // mask.shape[-2])  # [Rh, Rw] or per image [B, Rh, Rw]
+        x = torch.where(visible.view(-1, *visible.shape[-2:], 1), x, mask_token.to(x.dtype))
         return self.norm(self.layers(x)).permute(0, 3, 1, 2)
 
 

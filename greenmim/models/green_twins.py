@@ -118,16 +118,16 @@ class GreenTwins(VisibleEncoderMixin, Twins):
 
     def forward_masked_dense(self, x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
         """Dense forward of images ``[B, C, H, W]`` with the patch embeddings of masked units (``mask``, bool
-        ``[Hm, Wm]``, True = visible) replaced by ``mask_token [E]`` (SimMIM): the final-stage features after the
-        final norm, ``[B, C_out, Hm, Wm]`` (timm's ``forward_features`` otherwise)."""
+        ``[Hm, Wm]`` or per image ``[B, Hm, Wm]``, True = visible) replaced by ``mask_token [E]`` (SimMIM): the
+        final-stage features after the final norm, ``[B, C_out, Hm, Wm]`` (timm's ``forward_features`` otherwise)."""
         b = x.shape[0]
         last = len(self.blocks) - 1
         for i, (embed, drop, blocks, pos_block) in enumerate(
                 zip(self.patch_embeds, self.pos_drops, self.blocks, self.pos_block)):
             x, size = embed(x)
             if i == 0:
-                visible = upsample_mask(mask, size[0] // mask.shape[0]).flatten()
-                x = torch.where(visible[None, :, None], x, mask_token.to(x.dtype))
+                visible = upsample_mask(mask, size[0] // mask.shape[-2]).flatten(-2)  # [L] or per image [B, L]
+                x = torch.where(visible.view(-1, visible.shape[-1], 1), x, mask_token.to(x.dtype))
             x = drop(x)
             for j, block in enumerate(blocks):
                 x = block(x, size)

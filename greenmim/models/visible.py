@@ -19,9 +19,12 @@ __all__ = ['VisibleEncoderMixin', 'gather_children']
 
 
 def gather_children(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Tokens ``x [B, N, C]`` and ``index [M, k]`` (a layout's ``merge_index`` or ``pool_index``) -> the ``k``
-    children of each of the ``M`` cells, concatenated: ``[B, M, k * C]``."""
-    return x.index_select(1, index.flatten()).view(x.shape[0], index.shape[0], -1)
+    """Tokens ``x [B, N, C]`` and ``index`` (a layout's ``merge_index`` or ``pool_index``: ``[M, k]`` into each
+    image's ``N`` tokens, or per image ``[B, M, k]`` into the flattened ``B * N``) -> the ``k`` children of each of
+    the ``M`` cells, concatenated: ``[B, M, k * C]``."""
+    if index.ndim == 2:
+        return x.index_select(1, index.flatten()).view(x.shape[0], index.shape[0], -1)
+    return x.flatten(0, 1).index_select(0, index.flatten()).view(*index.shape[:2], -1)
 
 
 class VisibleEncoderMixin:
@@ -60,7 +63,8 @@ class VisibleEncoderMixin:
 
         Args:
             x: images ``[B, C, H, W]``, ``H, W`` the model's image size (multiples of :attr:`mask_unit_size`).
-            mask: bool ``[H / 32, W / 32]``, True = visible, shared by the batch.
+            mask: bool ``[H / 32, W / 32]`` shared by the batch, or ``[B, H / 32, W / 32]`` one per image (the same
+                number of visible units each); True = visible.
             layout: :meth:`visible_layout` of ``mask`` for this batch size, if already computed (required under
                 ``torch.compile``, which then traces the whole encoder without graph breaks).
 
@@ -92,10 +96,11 @@ class VisibleEncoderMixin:
         if c != self.in_chans:
             raise ValueError(f'images have {c} channels, the model expects {self.in_chans}')
 
-    def check_mask(self, mask: torch.Tensor) -> None:
+    def check_mask(self, mask: torch.Tensor, batch_size: Optional[int] = None) -> None:
         """Raise ``ValueError`` unless ``mask`` is a bool mask-unit grid of this model's image size with a visible
-        unit, and the stages line up with the mask units (e.g. every stage grid holds whole windows)."""
-        check_mask(mask, self.mask_grid_size)
+        unit (or ``batch_size`` of them with equal visible counts: :func:`greenmim.masking.check_mask`), and the
+        stages line up with the mask units (e.g. every stage grid holds whole windows)."""
+        check_mask(mask, self.mask_grid_size, batch_size)
         check_stage_specs(self.stage_specs(), self.mask_grid_size)
 
     def visible_layout(
@@ -105,9 +110,10 @@ class VisibleEncoderMixin:
             device: Optional[torch.device] = None,
             group_size: Optional[int] = None,
     ) -> List[StageLayout]:
-        """Layout of the visible tokens of every stage for ``mask`` (computed once per step, shared by all blocks);
-        raises ``ValueError`` for a mask that does not suit the model (:meth:`check_mask`)."""
-        check_mask(mask, self.mask_grid_size)
+        """Layout of the visible tokens of every stage for ``mask`` (``[Hm, Wm]``, or ``[B, Hm, Wm]`` per image;
+        computed once per step, shared by all blocks); raises ``ValueError`` for a mask that does not suit the model
+        (:meth:`check_mask`)."""
+        check_mask(mask, self.mask_grid_size, batch_size)
         device = device if device is not None else self.first_patch_embed().proj.weight.device
         return build_visible_layout(mask, self.stage_specs(), batch_size, device, group_size)
 
@@ -156,5 +162,7 @@ class VisibleEncoderMixin:
         ph, pw = embed.patch_size
         rh, rw = layout.grid_size
         patches = x.reshape(b, c, rh, ph, rw, pw).permute(0, 2, 4, 1, 3, 5)
-        patches = patches[:, layout.token_index // rw, layout.token_index % rw].flatten(2)  # [B, N, C*ph*pw]
+        index = layout.token_index.expand(b, -1)  # [B, N], per image or shared
+        image = torch.arange(b, device=index.device)[:, None]
+        patches = patches[image, index // rw, index % rw].flatten(2)  # [B, N, C*ph*pw]
         return embed.norm(F.linear(patches, embed.proj.weight.flatten(1), embed.proj.bias))

@@ -14,7 +14,7 @@ from timm.models import get_arch_name
 from torch.utils.data import IterableDataset
 
 from greenmim.checkpoint import weights_metadata
-from greenmim.mim import GreenMIM, SimMIM
+from greenmim.mim import MASK_MODES, GreenMIM, SimMIM
 from greenmim.models.family import FAMILIES
 
 from .config import amp_dtype, config_command, derived_seed
@@ -38,6 +38,7 @@ class PretrainConfig(RunConfig):
     model_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm kwargs, e.g. window_size, depths
     input_size: int = 224
     mask_ratio: float = 0.75
+    mask_mode: str = 'batch'             # 'batch': one mask per micro-batch (the paper's); 'image': one per image
     norm_pix_loss: bool = True
     decoder_dim: int = 512
     decoder_depth: int = 1
@@ -74,6 +75,8 @@ def build_mim_model(config: PretrainConfig) -> torch.nn.Module:
     not a green model, or the image size does not suit it (mask units, windows) or the mask ratio."""
     if config.method not in METHODS:
         raise ValueError(f'--method must be one of {sorted(METHODS)}, got {config.method!r}')
+    if config.mask_mode not in MASK_MODES:
+        raise ValueError(f'--mask-mode must be one of {MASK_MODES}, got {config.mask_mode!r}')
     green = sorted(m for family in FAMILIES for m in family.models)
     if ':' not in config.model and get_arch_name(config.model) not in green:  # (local-dir:, hf-hub: checked built)
         raise ValueError(f'--model {config.model} is not a green model: pre-training needs one of {", ".join(green)}')
@@ -84,7 +87,7 @@ def build_mim_model(config: PretrainConfig) -> torch.nn.Module:
     if config.method == 'greenmim':
         kwargs.update(decoder_dim=config.decoder_dim, decoder_depth=config.decoder_depth,
                       norm_pix_loss=config.norm_pix_loss)
-    return METHODS[config.method](encoder, mask_ratio=config.mask_ratio, **kwargs)
+    return METHODS[config.method](encoder, mask_ratio=config.mask_ratio, mask_mode=config.mask_mode, **kwargs)
 
 
 def _check_encoder_fits(encoder: torch.nn.Module, config: PretrainConfig) -> None:
@@ -141,7 +144,8 @@ def _pretrain(config: PretrainConfig, process) -> TrainSummary:
 
     preview = (_preview_batch(dataset, config.vis_images, config.input_size)
                if process.is_main and config.vis_every else None)
-    preview_mask = model.sample_mask(torch.Generator().manual_seed(config.seed)) if preview is not None else None
+    preview_mask = (model.sample_mask(torch.Generator().manual_seed(config.seed), len(preview))
+                    if preview is not None else None)
     amp = amp_dtype(config.amp, process.device)
 
     def on_epoch_end(epoch: int) -> Dict[str, Any]:
@@ -189,6 +193,7 @@ HELP = {
     'data': 'image folder, Parquet file/folder, or Hugging Face dataset name; default: the embedded photos',
     'blr': 'base learning rate per 256 images (lr = blr x effective batch / 256)',
     'vis_every': 'epochs between reconstruction PNGs (0: never)',
+    'mask_mode': 'batch (one mask per micro-batch, the paper\'s) or image (one mask per image)',
 }
 
 add_arguments, run = config_command(PretrainConfig, pretrain, HELP)

@@ -13,7 +13,8 @@ __all__ = ['reconstruct', 'save_reconstruction_grid']
 
 @torch.no_grad()
 def reconstruct(model, images: torch.Tensor, mask: torch.Tensor):
-    """``(masked, reconstruction)`` images ``[B, C, H, W]`` in the input's (normalised) space.
+    """``(masked, reconstruction)`` images ``[B, C, H, W]`` in the input's (normalised) space, for ``mask``
+    ``[Hm, Wm]`` (the batch's) or ``[B, Hm, Wm]`` (each image's own).
 
     Masked units of ``masked`` are 0 (the dataset mean colour). ``reconstruction`` keeps the visible units and
     fills the masked ones with the prediction; with ``norm_pix_loss`` the prediction is per-unit normalised, so
@@ -24,7 +25,8 @@ def reconstruct(model, images: torch.Tensor, mask: torch.Tensor):
     if getattr(model, 'norm_pix_loss', False):
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         pred = pred * (var + 1e-6) ** .5 + mean
-    visible = mask.to(images.device).flatten()[None, :, None]
+    visible = mask.to(images.device).flatten(-2)  # [L] for the batch, or [B, L] per image
+    visible = visible.view(-1, visible.shape[-1], 1)
     masked = unpatchify(target * visible, model.unit, model.grid_size)
     recon = unpatchify(torch.where(visible, target, pred), model.unit, model.grid_size)
     return masked, recon

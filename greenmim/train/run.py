@@ -17,7 +17,7 @@ import numpy as np
 import timm
 import torch
 
-from greenmim.checkpoint import check_written_for, load_verified, read_checkpoint
+from greenmim.checkpoint import check_written_for, load_verified, read_checkpoint, wrapper_metadata
 
 from .config import amp_dtype, derived_seed
 from .distributed import DistributedProcess, all_reduce_sum, init_distributed
@@ -95,6 +95,10 @@ def _check_work_left(config, trainer: Trainer) -> None:
 def _resume_weights(model: torch.nn.Module, config) -> None:
     weights, metadata = read_checkpoint(resolve_checkpoint(config.resume))
     check_written_for(metadata, config.model, config.resume)
+    written = json.loads(wrapper_metadata(metadata).get('mim_kwargs', '{}')).get('mask_mode', 'batch')
+    if getattr(model, 'mask_mode', written) != written:  # a MIM run continues with the masks it started with
+        raise ValueError(f'{config.resume} was trained with --mask-mode {written}, this run has --mask-mode '
+                         f'{model.mask_mode}: pass --mask-mode {written} to resume it')
     load_verified(model, weights, config.model, source=config.resume)
 
 

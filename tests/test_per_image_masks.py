@@ -1,0 +1,248 @@
+"""Per-image masks ``[B, Hm, Wm]``: drawing and checks, the pooled Optimal Grouping over the batch, the per-image
+layout, forward_visible per image vs the batch-wise path of each image alone and the dense reference (both
+backends), GreenMIM / SimMIM losses, reconstructions, the pretrain CLI and the benchmark's smoke mode."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import greenmim
+from greenmim.grouping import (
+    LayoutCollate, build_visible_layout, grouping_cost, layout_to, optimal_grouping, optimal_histogram_grouping,
+    pack_histogram, pack_segments)
+from greenmim.masking import check_mask, random_mask
+from greenmim.train import pretrain
+from greenmim.train.reconstruction import reconstruct
+from dense_reference import dense_key_masked_stages, dense_twins_key_masked_stages, rel_err
+from test_visible_contract import SMALL, _model
+from train_fixtures import copy_photos, tiny_pretrain_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# four different 2x2 masks with two visible units each
+MASKS = torch.tensor([[[1, 0], [0, 1]], [[1, 1], [0, 0]], [[0, 1], [1, 0]], [[0, 0], [1, 1]]], dtype=torch.bool)
+
+
+# ------------------------------------------------------------------------------------------------ masks
+def test_random_mask_per_image():
+    masks = random_mask((7, 7), 0.75, torch.Generator().manual_seed(0), batch_size=16)
+    assert masks.dtype == torch.bool and masks.shape == (16, 7, 7)
+    assert masks.flatten(1).sum(1).tolist() == [12] * 16
+    assert len({m.flatten().tolist().__str__() for m in masks}) == 16  # different masks
+    assert torch.equal(masks, random_mask((7, 7), 0.75, torch.Generator().manual_seed(0), batch_size=16))
+    check_mask(masks, (7, 7), 16)
+
+
+def test_per_image_mask_with_an_all_visible_image_raises():
+    mim = greenmim.GreenMIM(_model('green_swin_tiny'))
+    with pytest.raises(ValueError, match='no masked unit'):
+        mim(torch.randn(2, 3, 64, 64), torch.stack([MASKS[0], torch.ones(2, 2, dtype=torch.bool)]))
+    with pytest.raises(ValueError, match='mask_mode'):
+        greenmim.GreenMIM(_model('green_swin_tiny'), mask_mode='pixel')
+
+
+# ------------------------------------------------------------------------------------------------ grouping
+@pytest.mark.parametrize('seed', range(40))
+def test_histogram_packing_matches_pack_segments(seed):
+    """Same number of groups as the item-by-item Algorithm 1 (and its bound), every segment placed once."""
+    rng = random.Random(seed)
+    sizes = [rng.randint(1, 49) for _ in range(rng.randint(1, 120))]
+    g = rng.randint(max(sizes), max(sizes) + 40)
+    packing = pack_histogram(np.bincount(sizes), g)
+    groups = sum(r for _, r in packing)
+    assert groups == len(pack_segments(sizes, g))
+    assert groups < 2 * sum(sizes) / g + 1
+    assert (sum(p * r for p, r in packing) == np.bincount(sizes)).all()
+    assert all(p @ np.arange(len(p)) <= g for p, _ in packing)
+    channels = rng.choice([8, 96, 128])
+    (hist, hist_g), (ref, ref_g) = optimal_histogram_grouping(np.bincount(sizes), channels), optimal_grouping(
+        sizes, channels)
+    assert grouping_cost(sum(r for _, r in hist), hist_g, channels) == grouping_cost(len(ref), ref_g, channels)
+
+
+def test_histogram_packing_too_small_group():
+    with pytest.raises(ValueError, match='smaller than the largest segment'):
+        pack_histogram(np.bincount([50, 3]), 49)
+
+
+@pytest.mark.parametrize('name,kwargs', [('green_swin_base', {}), ('green_twins_svt_small', {})])
+def test_per_image_layout_covers_every_token_once_with_image_segments(name, kwargs):
+    specs = timm.create_model(name, device='meta', **kwargs).stage_specs()
+    batch = 8
+    masks = random_mask((7, 7), 0.75, torch.Generator().manual_seed(1), batch_size=batch)
+    layout = build_visible_layout(masks, specs, batch)
+    for stage, spec in zip(layout, specs):
+        n = stage.num_tokens
+        assert stage.token_index.shape == (batch, n) and torch.equal(stage.mask, masks)
+        for b in range(batch):  # each image's tokens are the ones its own mask keeps
+            single = build_visible_layout(masks[b], specs, 1)[specs.index(spec)]
+            assert torch.equal(stage.token_index[b], single.token_index)
+        for att in stage.attention.values():
+            index, segment = att.index.numpy(), att.segment.numpy()
+            valid = index >= 0
+            assert sorted(index[valid].tolist()) == list(range(batch * n))
+            image = index // n
+            for seg in np.unique(segment[valid]):  # a segment holds tokens of one image only
+                assert len(set(image[segment == seg].tolist())) == 1
+
+
+def test_per_image_padding_and_cost_against_batch_wise():
+    """Swin-B 224, ratio 0.75, batch 32, against each image's own Algorithm 1 layout: over all stages, the pooled
+    packing pads less and costs less (Eq. 8); per stage, its padding stays within 0.5% of the visible tokens (one
+    g_s for the batch cannot always pack as tightly as a g_s per image) and its cost within 2%."""
+    specs = timm.create_model('green_swin_base', device='meta').stage_specs()
+    masks = random_mask((7, 7), 0.75, torch.Generator().manual_seed(2), batch_size=32)
+    pooled = build_visible_layout(masks, specs, len(masks))
+    alone = [build_visible_layout(m, specs, 1) for m in masks]
+    totals = np.zeros((2, 2))
+    for s, spec in enumerate(specs):
+        def padding_and_cost(layouts):
+            atts = [att for layout in layouts for att in layout[s].attention.values()]
+            return (sum(int((a.index < 0).sum()) for a in atts),
+                    sum(grouping_cost(a.index.shape[0], a.group_size, spec.channels) for a in atts))
+        ours, theirs = padding_and_cost([pooled]), padding_and_cost(alone)
+        totals += [ours, theirs]
+        assert ours[0] <= theirs[0] + 0.005 * len(masks) * pooled[s].num_tokens * len(spec.windows)
+        assert ours[1] <= 1.02 * theirs[1]
+    assert (totals[0] < totals[1]).all()
+
+
+def test_layout_collate_and_layout_to():
+    specs = _model('green_swin_tiny').stage_specs()
+    collate = LayoutCollate(specs, 0.5)
+    (images,), packed = collate([(torch.randn(3, 64, 64),) for _ in range(3)])
+    assert images.shape == (3, 3, 64, 64) and packed.mask.shape == (3, 2, 2)
+    assert packed.buffer.ndim == 1  # one buffer: one shared-memory handle from a worker
+    moved = layout_to(packed, torch.device('cpu'))
+    mask = moved[0].mask
+    built = build_visible_layout(mask, specs, 3)
+    for a, b in zip(built, moved):
+        assert a.batch_size == 3 and a.token_index.dtype == b.token_index.dtype == torch.long
+        assert torch.equal(a.token_index, b.token_index) and (a.merge_index is None or torch.equal(
+            a.merge_index, b.merge_index))
+        assert all(torch.equal(a.attention[k].index, b.attention[k].index) for k in a.attention)
+    mim = greenmim.GreenMIM(_model('green_swin_tiny'), decoder_dim=32, decoder_heads=4).eval()
+    with torch.no_grad():
+        assert torch.equal(mim.forward_masked(images, mask, moved).loss, mim(images, mask).loss)
+    _, packed = LayoutCollate(specs, 0.5, per_image=False)([(torch.randn(3, 64, 64),)] * 2)
+    assert packed.mask.shape == (2, 2)
+
+
+# ------------------------------------------------------------------------------------------------ encoders
+def _dense(model, images, mask):
+    reference = dense_key_masked_stages if 'swin' in type(model).__name__.lower() else dense_twins_key_masked_stages
+    return reference(model, images, mask)
+
+
+def _check_per_image(model, images, masks):
+    with torch.no_grad():
+        ours = model.forward_visible(images, masks)
+        for b in range(len(images)):
+            alone = model.forward_visible(images[b:b + 1], masks[b])
+            dense = _dense(model, images[b:b + 1], masks[b])
+            for o, a, d in zip(ours, alone, dense, strict=True):
+                assert rel_err(o[b:b + 1], a) < 1e-5 and rel_err(o[b:b + 1], d) < 1e-5
+
+
+@pytest.mark.parametrize('name', sorted(SMALL))
+def test_forward_visible_per_image_equals_each_image_alone_and_dense(name, backend):
+    model = _model(name)
+    _check_per_image(model, torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)), MASKS)
+
+
+@pytest.mark.parametrize('name,kwargs', [
+    ('green_swin_tiny', dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))),
+    ('green_twins_svt_small', dict(embed_dims=(8, 16, 32, 64), depths=(2, 2, 3, 2))),
+    ('green_twins_pcpvt_small', dict(embed_dims=(8, 16, 40, 64), depths=(2, 2, 3, 2))),
+])
+def test_forward_visible_per_image_at_224(name, kwargs):
+    """7x7 mask grid, window 7 (shifted for Swin), ratio 0.75, the torch backend."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    gen = torch.Generator().manual_seed(3)
+    _check_per_image(model, torch.randn(3, 3, 224, 224, generator=gen), random_mask((7, 7), 0.75, gen, 3))
+
+
+# ------------------------------------------------------------------------------------------------ wrappers
+@pytest.mark.parametrize('cls', [greenmim.GreenMIM, greenmim.SimMIM])
+def test_per_image_loss_is_the_mean_of_each_image_alone(cls):
+    """Equal masked counts per image: the batch loss is the mean of each image's own batch-wise loss."""
+    torch.manual_seed(0)
+    kwargs = dict(decoder_dim=32, decoder_heads=4) if cls is greenmim.GreenMIM else {}
+    mim = cls(_model('green_swin_tiny'), mask_ratio=0.5, **kwargs).eval()
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = mim(images, MASKS)
+        alone = [mim(images[b:b + 1], MASKS[b]) for b in range(4)]
+    assert torch.equal(out.mask, MASKS)
+    torch.testing.assert_close(out.loss, torch.stack([a.loss for a in alone]).mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.pred, torch.cat([a.pred for a in alone]), rtol=1e-5, atol=1e-6)
+
+
+def test_mask_mode_image_draws_one_mask_per_image_and_round_trips():
+    mim = greenmim.GreenMIM(_model('green_swin_tiny'), mask_ratio=0.5, decoder_dim=32, decoder_heads=4,
+                            mask_mode='image')
+    out = mim(torch.randn(3, 3, 64, 64), generator=torch.Generator().manual_seed(0))
+    assert out.mask.shape == (3, 2, 2) and out.mask.flatten(1).sum(1).tolist() == [2, 2, 2]
+    assert mim.wrapper_kwargs()['mask_mode'] == 'image'
+    assert greenmim.mim.mim_from_metadata(mim.encoder, {'mim_class': 'GreenMIM', 'mim_kwargs': json.dumps(
+        mim.wrapper_kwargs())}).mask_mode == 'image'
+
+
+def test_reconstruction_shows_each_images_own_mask():
+    mim = greenmim.GreenMIM(_model('green_swin_tiny'), mask_ratio=0.5, decoder_dim=32, decoder_heads=4)
+    images = torch.randn(4, 3, 64, 64)
+    masked, recon = reconstruct(mim, images, MASKS)
+    for b in range(4):
+        visible = MASKS[b].repeat_interleave(32, 0).repeat_interleave(32, 1)
+        assert torch.equal(masked[b][:, ~visible], torch.zeros_like(masked[b][:, ~visible]))
+        torch.testing.assert_close(masked[b][:, visible], images[b][:, visible])
+        torch.testing.assert_close(recon[b][:, visible], images[b][:, visible])
+
+
+# ------------------------------------------------------------------------------------------------ CLI, benchmark
+def test_pretrain_mask_mode_image_runs_and_resumes(tmp_path):
+    photos = copy_photos(tmp_path / 'photos', 8)
+    full = pretrain(tiny_pretrain_config(tmp_path / 'full', data=str(photos), epochs=2, mask_mode='image'))
+    out = tmp_path / 'run'
+    first = pretrain(tiny_pretrain_config(out, data=str(photos), epochs=2, max_steps=3, mask_mode='image',
+                                          vis_every=1))
+    assert json.loads((out / 'config.json').read_text())['mask_mode'] == 'image'
+    from safetensors import safe_open
+    with safe_open(str(out / 'checkpoints' / 'step-00000003' / 'model.safetensors'), 'pt') as f:
+        assert json.loads(f.metadata()['mim_kwargs'])['mask_mode'] == 'image'
+    assert (out / 'reconstructions' / 'epoch-0001.png').exists()
+    resumed = pretrain(tiny_pretrain_config(out, data=str(photos), epochs=2, mask_mode='image', resume=str(out)))
+    assert first.losses + resumed.losses == full.losses  # bitwise
+    batch = pretrain(tiny_pretrain_config(tmp_path / 'batch', data=str(photos), epochs=2))
+    assert batch.losses != full.losses
+    with pytest.raises(ValueError, match='trained with --mask-mode image, this run has --mask-mode batch'):
+        pretrain(tiny_pretrain_config(tmp_path / 'full', data=str(photos), epochs=3, resume=str(tmp_path / 'full')))
+
+
+def test_pretrain_cli_mask_mode_flag(tmp_path):
+    from greenmim.cli import main
+    cfg = tiny_pretrain_config(tmp_path, data=str(copy_photos(tmp_path / 'photos', 4)))
+    args = ['pretrain', '--data', cfg.data, '--model', cfg.model, '--input-size', '64', '--decoder-dim', '32',
+            '--model-kwargs', 'embed_dim=24', 'depths=(1,1,1,1)', 'num_heads=(1,1,2,2)', 'window_size=2',
+            '--batch-size', '4', '--epochs', '1', '--num-workers', '0', '--vis-every', '0',
+            '--output-dir', str(tmp_path / 'run')]
+    assert main(args + ['--mask-mode', 'image']) == 0
+    assert json.loads((tmp_path / 'run' / 'config.json').read_text())['mask_mode'] == 'image'
+    assert main(args + ['--mask-mode', 'pixel', '--output-dir', str(tmp_path / 'bad')]) == 2  # a bad setting
+
+
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / 'result.json'
+    subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'bench_per_image_masks.py'), '--smoke',
+                    '--out', str(out)], check=True, cwd=ROOT, timeout=600)
+    result = json.loads(out.read_text())
+    assert {'padding', 'layout_time', 'step_time'} <= set(result)
