@@ -68,7 +68,7 @@ class _Trivial(torch.utils.data.Dataset):
         return 1 << 20
 
     def __getitem__(self, index):
-        return torch.zeros(1)
+        return (torch.zeros(1),)  # collated: [tensor [B, 1]], whose length LayoutCollate takes as the batch size
 
 
 def worker_wait(specs, batch, workers, batches, step_ms):

@@ -31,13 +31,14 @@ Everything here is a pure function of the mask, runs on the host with numpy, vec
 neighbour map: vectorised torch on the target device), and is computed once per step for all blocks
 (:func:`build_visible_layout`; it can run in DataLoader workers: :class:`LayoutCollate`, :func:`layout_to`).
 """
+import copy
 import math
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import default_collate
+from torch.utils.data import default_collate, get_worker_info
 
 from greenmim.kernels import neighbour_map
 from greenmim.masking import random_mask
@@ -504,23 +505,49 @@ class LayoutCollate:
 
     Args:
         specs: the encoder's ``stage_specs()``; the mask grid is the last stage's.
-        mask_ratio: as :func:`greenmim.masking.random_mask`, drawn from the worker's RNG (seeded per worker by the
-            DataLoader).
+        mask_ratio: as :func:`greenmim.masking.random_mask`.
         per_image: one mask per image (``[B, Hm, Wm]``) or one for the batch (``[Hm, Wm]``).
         group_size: fixed ``g_s`` (:func:`build_visible_layout`).
-        collate: collates the samples; the batch size is ``len(samples)``.
+        collate: collates the samples; the batch size is the length of the first element of its result (a batch
+            whose first element is ``None``, e.g. every image unreadable, gets no layout).
+        seed: ``None``: masks from the worker's RNG (seeded per worker by the DataLoader). An int: the masks of the
+            ``i``-th batch handed out by a loader made with :meth:`at` ``(epoch, first)`` come from a generator
+            seeded by ``(seed, epoch, first + i)``, whatever the number of workers (a map-style DataLoader hands
+            batches to its workers in turn), so a run that resumes at batch ``first`` draws the masks it would have.
 
-    Returns ``(collate(samples), packed)``, the layout as a :class:`PackedLayout`: its index maps travel from the
-    worker in one shared-memory buffer, where each tensor would cost a handle of its own.
+    Returns ``(collate(samples), packed)``, the layout as a :class:`PackedLayout` (or ``None``): its index maps
+    travel from the worker in one shared-memory buffer, where each tensor would cost a handle of its own.
     """
 
     def __init__(self, specs: Sequence[StageSpec], mask_ratio: float, per_image: bool = True,
-                 group_size: Optional[int] = None, collate: Callable = default_collate):
+                 group_size: Optional[int] = None, collate: Callable = default_collate, seed: Optional[int] = None):
         self.specs, self.mask_ratio, self.per_image = list(specs), mask_ratio, per_image
-        self.group_size, self.collate = group_size, collate
+        self.group_size, self.collate, self.seed = group_size, collate, seed
+        self.epoch, self.next_batch = 0, 0
+
+    def at(self, epoch: int, first: int) -> 'LayoutCollate':
+        """A copy for a loader of ``epoch`` whose first batch is batch ``first`` of the epoch."""
+        collate = copy.copy(self)
+        collate.epoch, collate.next_batch = epoch, first
+        return collate
+
+    def _generator(self) -> Optional[torch.Generator]:
+        """The generator of the next batch's masks (``None``: the worker's RNG)."""
+        worker = get_worker_info()
+        workers, rank = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        batch = self.next_batch + rank
+        self.next_batch += workers  # this process's next batch
+        if self.seed is None:
+            return None
+        seed = np.random.SeedSequence([self.seed, self.epoch, batch]).generate_state(1)[0]
+        return torch.Generator().manual_seed(int(seed))
 
     def __call__(self, samples):
-        batch_size = len(samples)
-        mask = random_mask(self.specs[-1].grid_size, self.mask_ratio, batch_size=batch_size if self.per_image else None)
+        collated, generator = self.collate(samples), self._generator()
+        if collated[0] is None:
+            return collated, None
+        batch_size = len(collated[0])
+        mask = random_mask(self.specs[-1].grid_size, self.mask_ratio, generator,
+                           batch_size if self.per_image else None)
         layout = build_visible_layout(mask, self.specs, batch_size, torch.device('cpu'), self.group_size)
-        return self.collate(samples), pack_layout(layout)
+        return collated, pack_layout(layout)

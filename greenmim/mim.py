@@ -116,20 +116,24 @@ class _MIMBase(nn.Module):
             images: torch.Tensor,
             mask: Optional[torch.Tensor] = None,
             generator: Optional[torch.Generator] = None,
+            layout=None,
     ) -> MIMOutput:
         """Images ``[B, C, H, W]`` -> :class:`MIMOutput`; ``mask`` (bool ``[Hm, Wm]`` for the batch or ``[B, Hm, Wm]``
         per image, True = visible) is sampled from ``generator`` (:meth:`sample_mask`) when not given. The mask is
-        checked where its layout is built."""
+        checked where its layout is built; GreenMIM takes the mask's ``layout`` if already built (e.g. in DataLoader
+        workers by :class:`greenmim.grouping.LayoutCollate`)."""
         self.encoder.check_images(images)
         if mask is None:
             mask = self.sample_mask(generator, images.shape[0])
         elif (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and tuple(mask.shape[-2:]) == self.grid_size
                 and bool(mask.flatten(-2).all(-1).any())):
             raise ValueError('mask has no masked unit (all True = visible): MIM needs at least one unit to reconstruct')
+        if layout is not None:
+            return self.forward_masked(images, mask, layout)
         return self.forward_masked(images, mask)
 
     def forward_masked(self, images: torch.Tensor, mask: torch.Tensor) -> MIMOutput:
-        """:meth:`forward` with a given mask, after the image checks."""
+        """:meth:`forward` with a given mask, after the image checks (GreenMIM: and an optional layout)."""
         raise NotImplementedError
 
 

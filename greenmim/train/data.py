@@ -258,10 +258,13 @@ class ResumableSampler(DistributedSampler):
 
 
 class Batch(NamedTuple):
-    """``images [B, C, H, W]`` (``None`` if every sample was skipped), ``labels [B]`` and the number skipped."""
+    """``images [B, C, H, W]`` (``None`` if every sample was skipped), ``labels [B]``, the number skipped, and the
+    batch's masks and layout when the loader builds them (pre-training with per-image masks: a
+    :class:`~greenmim.grouping.PackedLayout`)."""
     images: Optional[torch.Tensor]
     labels: Optional[torch.Tensor]
     skipped: int
+    layout: Optional[Any] = None
 
 
 def collate_images(samples: Sequence[Optional[Tuple[torch.Tensor, int]]]) -> Batch:

@@ -141,7 +141,8 @@ def _stop_on_sigint():
 
 
 class Trainer:
-    """Runs ``loss_fn(train_model, images, labels) -> loss`` over ``dataset`` for ``loop.epochs``.
+    """Runs ``loss_fn(train_model, images, labels) -> loss`` over ``dataset`` for ``loop.epochs`` (with
+    ``layout=batch.layout`` as well when the loader's batches carry one).
 
     Args:
         model: the unwrapped module (its ``state_dict`` is checkpointed).
@@ -150,12 +151,15 @@ class Trainer:
         best_metric: ``(name, 'min' | 'max')`` over the epoch metrics (``train_loss`` is always there).
         metadata: stored in the safetensors header (see :mod:`greenmim.checkpoint`).
         generators: the task's own RNGs by name (pre-training's mask generator), checkpointed with the others.
+        collate_at: ``(epoch, first_batch) -> collate_fn`` for a loader that starts at batch ``first_batch`` of
+            ``epoch`` (default: :func:`~greenmim.train.data.collate_images`).
     """
 
     def __init__(self, *, model, train_model, optimizer, scheduler, dataset, loss_fn: Callable, loop: LoopConfig,
                  process: DistributedProcess, output_dir, metadata: Dict[str, str], run_config: Dict[str, Any],
                  amp_dtype: Optional[torch.dtype] = None, on_epoch_end: Optional[Callable] = None,
-                 best_metric=('train_loss', 'min'), generators: Optional[Mapping[str, torch.Generator]] = None):
+                 best_metric=('train_loss', 'min'), generators: Optional[Mapping[str, torch.Generator]] = None,
+                 collate_at: Optional[Callable[[int, int], Callable]] = None):
         self.model, self.train_model, self.optimizer, self.scheduler = model, train_model, optimizer, scheduler
         self.dataset, self.loss_fn, self.loop, self.process = dataset, loss_fn, loop, process
         self.output_dir = Path(output_dir)
@@ -163,6 +167,7 @@ class Trainer:
         self.amp_dtype, self.on_epoch_end = amp_dtype, on_epoch_end
         self.best_name, self.best_mode = best_metric
         self.generators = dict(generators or {})
+        self.collate_at = collate_at or (lambda epoch, first_batch: collate_images)
         self.scaler = torch.amp.GradScaler('cuda', enabled=amp_dtype == torch.float16)
         self.steps_per_epoch = steps_per_epoch(dataset, loop, process)
         self.epoch, self.micro_in_epoch, self.step = 0, 0, 0
@@ -232,7 +237,8 @@ class Trainer:
         last_of_step = self.micro_in_epoch % accum == 0
         with nullcontext() if last_of_step or not process.distributed else self.train_model.no_sync():
             with torch.autocast(process.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                loss = self.loss_fn(self.train_model, images, labels)
+                extra = {} if batch.layout is None else {'layout': batch.layout}
+                loss = self.loss_fn(self.train_model, images, labels, **extra)
             loss_value = self._rank_mean_loss(loss, stop)
             self.scaler.scale(loss / accum).backward()
         totals.loss_sum += loss_value
@@ -330,7 +336,7 @@ class Trainer:
             sampler.start = start
             workers = self.loop.num_workers
         return DataLoader(self.dataset, batch_size=self.loop.batch_size, sampler=sampler, num_workers=workers,
-                          collate_fn=collate_images, drop_last=True, pin_memory=self.process.device.type == 'cuda',
+                          collate_fn=self.collate_at(self.epoch, self.micro_in_epoch), drop_last=True, pin_memory=self.process.device.type == 'cuda',
                           generator=torch.Generator(), persistent_workers=False)
 
     def _report_step(self, totals: StepTotals) -> None:

@@ -14,11 +14,12 @@ from timm.models import get_arch_name
 from torch.utils.data import IterableDataset
 
 from greenmim.checkpoint import weights_metadata
+from greenmim.grouping import LayoutCollate, layout_to
 from greenmim.mim import MASK_MODES, GreenMIM, SimMIM
 from greenmim.models.family import FAMILIES
 
 from .config import amp_dtype, config_command, derived_seed
-from .data import build_dataset
+from .data import Batch, build_dataset, collate_images
 from .engine import TrainSummary
 from .reconstruction import save_reconstruction_grid
 from .run import RunConfig, build_trainer, create_model, run_session
@@ -115,6 +116,16 @@ def _preview_batch(dataset, count: int, input_size: int) -> Optional[torch.Tenso
     return torch.stack(images) if images else None
 
 
+class _PerImageBatches(LayoutCollate):
+    """:class:`~greenmim.grouping.LayoutCollate` of pre-training: a :class:`~greenmim.train.data.Batch` carrying its
+    packed layout. Each micro-batch's masks come from a seed of its position in the run, so resuming draws them
+    again, whatever the number of workers."""
+
+    def __call__(self, samples) -> Batch:
+        batch, layout = super().__call__(samples)
+        return batch._replace(layout=layout)
+
+
 def pretrain(config: PretrainConfig) -> TrainSummary:
     """Pre-train as configured; returns the run's :class:`~greenmim.train.engine.TrainSummary`.
 
@@ -139,8 +150,17 @@ def _pretrain(config: PretrainConfig, process) -> TrainSummary:
         streaming=config.streaming, image_column=config.image_column, min_size=config.min_image_size,
         seed=config.seed, epoch_size=config.epoch_size, rank=process.rank, world_size=process.world_size)
 
-    def loss_fn(net, images, labels):
-        return net(images, generator=mask_generator).loss
+    collate_at = None
+    if config.method == 'greenmim' and config.mask_mode == 'image':  # layouts built in the DataLoader workers
+        collate_at = _PerImageBatches(
+            model.encoder.stage_specs(), config.mask_ratio, group_size=model.group_size, collate=collate_images,
+            seed=derived_seed(config.seed, process.rank, 3)).at
+
+    def loss_fn(net, images, labels, layout=None):
+        if layout is None:
+            return net(images, generator=mask_generator).loss
+        layout = layout_to(layout, images.device)
+        return net(images, mask=layout[0].mask, layout=layout).loss
 
     preview = (_preview_batch(dataset, config.vis_images, config.input_size)
                if process.is_main and config.vis_every else None)
@@ -161,7 +181,7 @@ def _pretrain(config: PretrainConfig, process) -> TrainSummary:
                                 wrapper=model, method=config.method)
     trainer = build_trainer(
         config, process, model, dataset, loss_fn, metadata=metadata, lr_batch=256, on_epoch_end=on_epoch_end,
-        generators={'mask': mask_generator},
+        generators={'mask': mask_generator}, collate_at=collate_at,
         description=f'pretrain {config.method} {config.model} @ {config.input_size}px on '
                     f'{config.data or "the embedded sample photos"} ({num_images} images, {dataset.num_ignored} '
                     'non-image files ignored)')

@@ -123,6 +123,7 @@ def build_trainer(
         on_epoch_end: Optional[Callable] = None,
         best_metric=('train_loss', 'min'),
         generators: Optional[Mapping[str, torch.Generator]] = None,
+        collate_at: Optional[Callable[[int, int], Callable]] = None,
 ) -> Trainer:
     """A :class:`~greenmim.train.engine.Trainer` for ``model`` (built and on ``process.device``), ready to ``fit``.
 
@@ -131,7 +132,7 @@ def build_trainer(
     ``description`` with the run's shape (processes, effective batch, lr, steps).
 
     Args:
-        loss_fn, on_epoch_end, best_metric, generators, metadata: as for the ``Trainer``.
+        loss_fn, on_epoch_end, best_metric, generators, collate_at, metadata: as for the ``Trainer``.
         lr_batch: the batch size ``config.blr`` is given for (256 for pre-training, 512 for fine-tuning).
         layer_decay: layer-wise lr decay over the model's ``group_matcher`` (fine-tuning).
     """
@@ -152,7 +153,8 @@ def build_trainer(
     trainer = Trainer(model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
                       dataset=dataset, loss_fn=loss_fn, loop=loop, process=process, output_dir=config.output_dir,
                       metadata=metadata, run_config=asdict(config), amp_dtype=amp_dtype(config.amp, process.device),
-                      on_epoch_end=on_epoch_end, best_metric=best_metric, generators=generators)
+                      on_epoch_end=on_epoch_end, best_metric=best_metric, generators=generators,
+                      collate_at=collate_at)
     if config.resume:
         trainer.load_state_dict(read_training_state(config.resume))
         _check_work_left(config, trainer)
