@@ -128,12 +128,10 @@ class _MIMBase(nn.Module):
         elif (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and tuple(mask.shape[-2:]) == self.grid_size
                 and bool(mask.flatten(-2).all(-1).any())):
             raise ValueError('mask has no masked unit (all True = visible): MIM needs at least one unit to reconstruct')
-        if layout is not None:
-            return self.forward_masked(images, mask, layout)
-        return self.forward_masked(images, mask)
+        return self.forward_masked(images, mask, layout)
 
-    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor) -> MIMOutput:
-        """:meth:`forward` with a given mask, after the image checks (GreenMIM: and an optional layout)."""
+    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor, layout=None) -> MIMOutput:
+        """:meth:`forward` with a given mask, after the image checks (GreenMIM: and optionally its layout)."""
         raise NotImplementedError
 
 
@@ -228,8 +226,10 @@ class SimMIM(_MIMBase):
         self.decoder = nn.Conv2d(self.encoder.num_features, self.unit ** 2 * self.encoder.in_chans, kernel_size=1)
         nn.init.trunc_normal_(self.mask_token, std=.02)
 
-    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor) -> MIMOutput:
+    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor, layout=None) -> MIMOutput:
         """Dense encoder with the mask token at masked tokens -> 1x1-conv decoder -> L1 on the masked pixels."""
+        if layout is not None:
+            raise ValueError('SimMIM runs the dense encoder on every token: it takes no layout (pass layout=None)')
         self.encoder.check_mask(mask, images.shape[0])
         x = self.encoder.forward_masked_dense(images, mask.to(images.device), self.mask_token.view(-1))
         recon = F.pixel_shuffle(self.decoder(x), self.unit)  # [B, C, H, W]

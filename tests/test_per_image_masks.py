@@ -187,6 +187,17 @@ def test_per_image_loss_is_the_mean_of_each_image_alone(cls):
     torch.testing.assert_close(out.pred, torch.cat([a.pred for a in alone]), rtol=1e-5, atol=1e-6)
 
 
+def test_a_prebuilt_layout_gives_the_same_output_and_simmim_refuses_one():
+    torch.manual_seed(0)
+    mim = greenmim.GreenMIM(_model('green_swin_tiny'), mask_ratio=0.5, decoder_dim=32, decoder_heads=4).eval()
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    layout = mim.encoder.visible_layout(MASKS, 4)
+    with torch.no_grad():
+        assert torch.equal(mim(images, MASKS, layout=layout).pred, mim(images, MASKS).pred)
+    with pytest.raises(ValueError, match='SimMIM runs the dense encoder on every token: it takes no layout'):
+        greenmim.SimMIM(mim.encoder, mask_ratio=0.5)(images, MASKS, layout=layout)
+
+
 def test_mask_mode_image_draws_one_mask_per_image_and_round_trips():
     mim = greenmim.GreenMIM(_model('green_swin_tiny'), mask_ratio=0.5, decoder_dim=32, decoder_heads=4,
                             mask_mode='image')
