@@ -480,19 +480,18 @@ def pack_layout(layout: Sequence[StageLayout]) -> PackedLayout:
     def place(tensor):
         nonlocal start
         data = tensor.contiguous().flatten().view(torch.uint8)
+        spot = PackedMap(start, tuple(tensor.shape), tensor.dtype)
         chunks.extend([data, data.new_zeros(-data.numel() % 8)])  # keep every map 8-byte aligned
         start += chunks[-2].numel() + chunks[-1].numel()
-        return PackedMap(start - chunks[-2].numel() - chunks[-1].numel(), tuple(tensor.shape), tensor.dtype)
+        return spot
 
     packed = _map_index_maps(layout, torch.Tensor, place)
     return PackedLayout(torch.cat(chunks), layout[0].mask.numpy(), [replace(stage, mask=None) for stage in packed])
 
 
-def layout_to(layout, device: torch.device) -> List[StageLayout]:
-    """A layout, or a :class:`PackedLayout` (one copy of its buffer, then views), with its index maps on
-    ``device``."""
-    if not isinstance(layout, PackedLayout):
-        return _map_index_maps(layout, torch.Tensor, lambda tensor: tensor.to(device, non_blocking=True))
+def layout_to(layout: PackedLayout, device: torch.device) -> List[StageLayout]:
+    """The layout of a :class:`PackedLayout` with its index maps on ``device`` (one copy of the buffer, then
+    views)."""
     buffer, mask = layout.buffer.to(device, non_blocking=True), torch.from_numpy(layout.mask)
     return _map_index_maps([replace(stage, mask=mask) for stage in layout.layout], PackedMap, lambda m: buffer[
         m.start:m.start + math.prod(m.shape) * m.dtype.itemsize].view(m.dtype).view(m.shape))
