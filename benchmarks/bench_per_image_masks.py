@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, default_collate
 
 import greenmim
 from greenmim.grouping import LayoutCollate, build_visible_layout, grouping_cost, layout_to
+from greenmim.kernels.group_attention import launch_config
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import write_result  # noqa: E402
@@ -33,9 +34,18 @@ from common import write_result  # noqa: E402
 SMOKE_MODEL = dict(img_size=64, window_size=2, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))
 
 
-def padding(specs, masks):
-    """``{stage/window/shift: {per_image, batch_wise, cost_ratio}}`` for the per-image masks ``masks [B, Hm, Wm]``:
-    padded slots / visible tokens, and Eq. 8 cost per-image / batch-wise."""
+def tile_work(att, head_dim):
+    """Score-tile entries the bf16 forward kernel computes for ``att``: ``G`` groups of ``S`` slots, tiled to
+    ``BLOCK`` query rows and ``CHUNK`` key columns (:func:`greenmim.kernels.group_attention.launch_config`)."""
+    g, s = att.index.shape
+    config = launch_config(torch.bfloat16, head_dim, s)['forward']
+    return g * -(-s // config['BLOCK']) * config['BLOCK'] * -(-s // config['CHUNK']) * config['CHUNK']
+
+
+def padding(specs, masks, head_dim):
+    """``{stage/window/shift: {per_image, batch_wise, cost_ratio, tile_ratio}}`` for the per-image masks
+    ``masks [B, Hm, Wm]``: padded slots / visible tokens, and Eq. 8 cost and forward-kernel tile work (heads of
+    ``head_dim``) per-image / batch-wise."""
     pooled = build_visible_layout(masks, specs, len(masks))
     alone = [build_visible_layout(mask, specs, 1) for mask in masks]
     result = {}
@@ -47,7 +57,8 @@ def padding(specs, masks):
                 per_image=int((att.index < 0).sum()) / tokens,
                 batch_wise=sum(int((a.index < 0).sum()) for a in atts) / tokens,
                 cost_ratio=grouping_cost(att.index.shape[0], att.group_size, spec.channels) / sum(
-                    grouping_cost(a.index.shape[0], a.group_size, spec.channels) for a in atts))
+                    grouping_cost(a.index.shape[0], a.group_size, spec.channels) for a in atts),
+                tile_ratio=tile_work(att, head_dim) / sum(tile_work(a, head_dim) for a in atts))
     return result
 
 
@@ -129,15 +140,19 @@ def main():
         model_name, model_kwargs, img_size = 'green_swin_tiny', SMOKE_MODEL, 64
         args.batch, args.draws, args.repeats, args.batches, args.steps = 8, 2, 2, 2, 1
         args.step_ms, args.step_batch = [0.0], 2
-    specs = timm.create_model(model_name, device='meta', **model_kwargs).stage_specs()
+    meta = timm.create_model(model_name, device='meta', **model_kwargs)
+    specs = meta.stage_specs()
+    head_dim = specs[0].channels // meta.layers[0].blocks[0].attn.num_heads
     grid = specs[-1].grid_size
     gen = torch.Generator().manual_seed(0)
 
-    draws = [padding(specs, greenmim.random_mask(grid, 0.75, gen, args.batch)) for _ in range(args.draws)]
+    draws = [padding(specs, greenmim.random_mask(grid, 0.75, gen, args.batch), head_dim) for _ in range(args.draws)]
     pad = {k: {m: float(np.mean([d[k][m] for d in draws])) for m in draws[0][k]} for k in draws[0]}
     for k, v in pad.items():
-        print(f'{k}: padding per-image {100 * v["per_image"]:.2f}%, batch-wise {100 * v["batch_wise"]:.2f}%, '
-              f'Eq. 8 cost per-image / batch-wise {v["cost_ratio"]:.4f}')
+        v['draws_with_more_padding'] = sum(d[k]['per_image'] > d[k]['batch_wise'] for d in draws)
+        print(f'{k}: padding per-image {100 * v["per_image"]:.2f}%, batch-wise {100 * v["batch_wise"]:.2f}% (more in '
+              f'{v["draws_with_more_padding"]} of {args.draws} draws); per-image / batch-wise: Eq. 8 cost '
+              f'{v["cost_ratio"]:.4f}, kernel tile work {v["tile_ratio"]:.4f}')
     host = layout_times(specs, grid, args.batch, args.repeats, gen)
     print(f'layout host time at batch {args.batch}:',
           {k: f'{v["median_ms"]:.1f} ms median' for k, v in host.items()})

@@ -13,6 +13,7 @@ import timm
 import torch
 
 import greenmim
+from greenmim import grouping
 from greenmim.grouping import (
     LayoutCollate, build_visible_layout, grouping_cost, layout_to, optimal_grouping, optimal_histogram_grouping,
     pack_histogram, pack_segments)
@@ -63,6 +64,46 @@ def test_histogram_packing_matches_pack_segments(seed):
     (hist, hist_g), (ref, ref_g) = optimal_histogram_grouping(np.bincount(sizes), channels), optimal_grouping(
         sizes, channels)
     assert grouping_cost(sum(r for _, r in hist), hist_g, channels) == grouping_cost(len(ref), ref_g, channels)
+
+
+def _exhaustive_pick(counts, channels, tolerance):
+    """Every ``g_s`` packed: the least-cost one, and the fewest-padded (then cheapest, smallest) within
+    ``tolerance`` of it."""
+    total, largest = int(counts @ np.arange(len(counts))), int(np.nonzero(counts)[0][-1])
+    rows = []
+    for g in range(largest, total + 1):
+        groups = sum(r for _, r in pack_histogram(counts, g))
+        rows.append((groups * g - total, grouping_cost(groups, g, channels), g))
+    least = min(cost for _, cost, _ in rows)
+    return min(r for r in rows if r[1] <= least * (1 + tolerance)), least
+
+
+@pytest.mark.parametrize('seed', range(30))
+def test_pooled_sweep_takes_fewest_padded_slots_within_tolerance(seed):
+    """The sweep's early stops keep the pick of an exhaustive sweep, with and without a tolerance."""
+    rng = random.Random(seed)
+    counts = np.bincount([rng.randint(1, 30) for _ in range(rng.randint(5, 80))])
+    channels = rng.choice([32, 128, 512])
+    for tolerance in (0.0, 0.005, 0.05):
+        (padded, cost, g), least = _exhaustive_pick(counts, channels, tolerance)
+        packing, g_s = optimal_histogram_grouping(counts, channels, tolerance=tolerance)
+        groups = sum(r for _, r in packing)
+        assert (g_s, groups * g_s - int(counts @ np.arange(len(counts)))) == (g, padded)
+        assert grouping_cost(groups, g_s, channels) <= least * (1 + tolerance)
+
+
+def test_per_image_layout_trades_eq8_cost_within_tolerance_for_padding():
+    """Swin-B stage 3 at batch 128 (the benchmark's first mask draw): Eq. 8's least cost pads (g_s 28, 16 slots);
+    the per-image layout takes a g_s without padding that costs a little more (0.12%)."""
+    specs = timm.create_model('green_swin_base', device='meta').stage_specs()
+    masks = random_mask((7, 7), 0.75, torch.Generator().manual_seed(0), batch_size=128)
+    att = build_visible_layout(masks, specs, 128)[2].attention[((7, 7), (0, 0))]
+    counts = np.bincount(torch.unique(att.segment[att.index >= 0], return_counts=True)[1].numpy())  # segment sizes
+    (padded, _, g), least = _exhaustive_pick(counts, specs[2].channels, 0.0)
+    assert padded > 0
+    assert int((att.index < 0).sum()) == 0 and att.group_size != g
+    assert least < grouping_cost(att.index.shape[0], att.group_size, specs[2].channels) <= least * (
+        1 + grouping.POOLED_COST_TOLERANCE)
 
 
 def test_histogram_packing_too_small_group():
