@@ -42,23 +42,27 @@ def tile_work(att, head_dim):
     return g * -(-s // config['BLOCK']) * config['BLOCK'] * -(-s // config['CHUNK']) * config['CHUNK']
 
 
-def padding(specs, masks, head_dim):
+def padding(specs, masks, head_dim, block_heads):
     """``{stage/window/shift: {per_image, batch_wise, cost_ratio, tile_ratio}}`` for the per-image masks
     ``masks [B, Hm, Wm]``: padded slots / visible tokens, and Eq. 8 cost and forward-kernel tile work (heads of
-    ``head_dim``) per-image / batch-wise."""
+    ``head_dim``) per-image / batch-wise; and under ``model`` the tile work of the whole encoder per-image /
+    batch-wise, each (stage, window, shift) counted ``block_heads[stage]`` times (its blocks times heads)."""
     pooled = build_visible_layout(masks, specs, len(masks))
     alone = [build_visible_layout(mask, specs, 1) for mask in masks]
-    result = {}
+    result, model = {}, np.zeros(2)
     for s, spec in enumerate(specs):
         tokens = len(masks) * pooled[s].num_tokens
         for key, att in pooled[s].attention.items():
             atts = [layout[s].attention[key] for layout in alone]
+            tiles = np.array([tile_work(att, head_dim), sum(tile_work(a, head_dim) for a in atts)])
+            model += block_heads[s] * tiles
             result[f'stage{s + 1} window{key[0][0]} shift{key[1][0]}'] = dict(
                 per_image=int((att.index < 0).sum()) / tokens,
                 batch_wise=sum(int((a.index < 0).sum()) for a in atts) / tokens,
                 cost_ratio=grouping_cost(att.index.shape[0], att.group_size, spec.channels) / sum(
                     grouping_cost(a.index.shape[0], a.group_size, spec.channels) for a in atts),
-                tile_ratio=tile_work(att, head_dim) / sum(tile_work(a, head_dim) for a in atts))
+                tile_ratio=tiles[0] / tiles[1])
+    result['model'] = dict(tile_ratio=model[0] / model[1])
     return result
 
 
@@ -143,11 +147,18 @@ def main():
     meta = timm.create_model(model_name, device='meta', **model_kwargs)
     specs = meta.stage_specs()
     head_dim = specs[0].channels // meta.layers[0].blocks[0].attn.num_heads
+    block_heads = [len(layer.blocks) // len(spec.windows) * layer.blocks[0].attn.num_heads
+                   for layer, spec in zip(meta.layers, specs)]
     grid = specs[-1].grid_size
     gen = torch.Generator().manual_seed(0)
 
-    draws = [padding(specs, greenmim.random_mask(grid, 0.75, gen, args.batch), head_dim) for _ in range(args.draws)]
+    draws = [padding(specs, greenmim.random_mask(grid, 0.75, gen, args.batch), head_dim, block_heads)
+             for _ in range(args.draws)]
     pad = {k: {m: float(np.mean([d[k][m] for d in draws])) for m in draws[0][k]} for k in draws[0]}
+    model = pad.pop('model')
+    model['min'], model['max'] = (f([d['model']['tile_ratio'] for d in draws]) for f in (min, max))
+    print(f'whole encoder: kernel tile work per-image / batch-wise {model["tile_ratio"]:.4f} '
+          f'({model["min"]:.4f}-{model["max"]:.4f} over the draws)')
     for k, v in pad.items():
         v['draws_with_more_padding'] = sum(d[k]['per_image'] > d[k]['batch_wise'] for d in draws)
         print(f'{k}: padding per-image {100 * v["per_image"]:.2f}%, batch-wise {100 * v["batch_wise"]:.2f}% (more in '
@@ -166,8 +177,8 @@ def main():
           {k: f'{v["median_ms"]:.0f} ms median' for k, v in steps.items()})
     write_result(args.out, dict(
         benchmark='per_image_masks', model=model_name, img_size=img_size, mask_ratio=0.75, batch=args.batch,
-        draws=args.draws, padding=pad, layout_time=host, worker_wait=waits, step_batch=args.step_batch,
-        step_time=steps, command='python ' + ' '.join(sys.argv)))
+        draws=args.draws, padding=pad, model_tile_ratio=model, layout_time=host, worker_wait=waits,
+        step_batch=args.step_batch, step_time=steps, command='python ' + ' '.join(sys.argv)))
 
 
 if __name__ == '__main__':
