@@ -131,9 +131,8 @@ def main():
               f"GreenMIM {res['GreenMIM']['flops_per_step'] / 1e9:.1f} G ({100 * row['flops_ratio']:.1f}%); "
               f"step SimMIM {res['SimMIM']['step_s']:.3f} s, GreenMIM {res['GreenMIM']['step_s']:.3f} s "
               f"(speedup {row['speedup']:.2f}x)", flush=True)
-    write_result(args.out, dict(benchmark='mim_step', device_kind=args.device, amp=args.amp, interleaved=args.interleave,
-                                results=rows,
-                                command='python ' + ' '.join(sys.argv)))
+    write_result(args.out, dict(benchmark='mim_step', device_kind=args.device, amp=args.amp,
+                                interleaved=args.interleave, results=rows, command='python ' + ' '.join(sys.argv)))
 
 
 if __name__ == '__main__':

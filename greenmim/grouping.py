@@ -5,9 +5,9 @@ shift regions of that window. Tokens attend only within their segment, so segmen
 ``g_s`` slots: the subset-sum DP of Eq. 7 picks, from the segments not yet assigned, a subset filling ``g_s`` as
 much as possible; this repeats until every segment is assigned. ``g_s`` is swept over ``[max w_i, sum w_i]`` and
 the value minimising Eq. 8, ``n_groups(g_s) * (4 g_s C^2 + 2 g_s^2 C)`` (the cost of self-attention on ``g_s``
-tokens of width ``C``), is kept. The sweep stops early, without changing its result, once the lower bound
-``sum w_i * (4 C^2 + 2 g_s C)`` of every larger ``g_s`` exceeds the best cost found, and skips a ``g_s``
-whose ``ceil(sum w_i / g_s)`` groups alone would cost more.
+tokens of width ``C``), is kept (ties: the fewest padded slots). The sweep stops early, without changing its
+result, once the lower bound ``sum w_i * (4 C^2 + 2 g_s C)`` of every larger ``g_s`` exceeds the best cost found,
+and skips a ``g_s`` whose ``ceil(sum w_i / g_s)`` groups alone would cost more.
 
 Packing shift *regions* rather than whole windows (the paper packs windows) gives smaller items and less padding;
 attention is unchanged because tokens of different regions never attend to each other.
@@ -118,9 +118,9 @@ def optimal_grouping(
 
 
 def _sweep(pack, num_groups, largest: int, total: int, channels: int, tolerance: float = 0.0):
-    """Eq. 8 sweep of ``g_s`` over ``[largest, total]``: ``(pack(g_s), g_s)`` of least cost, ``num_groups(packing)``
-    groups each, with the early-stop bounds of the module docstring. A ``tolerance`` > 0 takes, among the ``g_s``
-    costing at most ``(1 + tolerance)`` times the least, the one with the fewest padded slots (then the cheapest)."""
+    """Eq. 8 sweep of ``g_s`` over ``[largest, total]``, ``pack(g_s)`` making ``num_groups(packing)`` groups, with the
+    early-stop bounds of the module docstring: ``(pack(g_s), g_s)`` of the ``g_s`` with the fewest padded slots
+    (then the cheapest, then the smallest) among those costing at most ``(1 + tolerance)`` times the least."""
     candidates, least = [], None  # (padded slots, cost, g_s, packing)
     for g in range(largest, total + 1):
         if least is not None:
@@ -132,7 +132,7 @@ def _sweep(pack, num_groups, largest: int, total: int, channels: int, tolerance:
         packing = pack(g)
         groups = num_groups(packing)
         cost = grouping_cost(groups, g, channels)
-        candidates.append((groups * g - total if tolerance else 0, cost, g, packing))
+        candidates.append((groups * g - total, cost, g, packing))
         least = cost if least is None else min(least, cost)
     _, _, g, packing = min((c for c in candidates if c[1] <= least * (1 + tolerance)), key=lambda c: c[:3])
     return packing, g

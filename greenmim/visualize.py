@@ -177,7 +177,8 @@ def _boundaries(labels: np.ndarray):
 
 def plot_grouping(gmap: GroupingMap, axes=None):
     """Two panels: the stage's token grid coloured by group (masked tokens grey; black lines between attention
-    segments, dotted lines along the window partition), and the groups as rows of ``g_s`` slots (one shade per segment, padding hatched)."""
+    segments, dotted lines along the window partition), and the groups as rows of ``g_s`` slots (one shade per
+    segment, padding hatched)."""
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
     from matplotlib.patches import Rectangle

@@ -251,8 +251,8 @@ def _group_attention_bwd_kv_kernel(
                 dq_t = _mma(tl.trans(k), ds_t.to(k.dtype), DOT_PRECISION, UPCAST) * scale
                 tl.store(dqkv_t + row_m[None, :] * stride_gt, dq_t.to(dqkv.dtype.element_ty), mask=tl.trans(q_mask))
             if HAS_BIAS:
-                _accumulate_dbias(partial, ds_t, code_n, code_m, num_heads, tl.minimum(group_size - start_m, CHUNK), CHUNK,
-                                  DETERMINISTIC)
+                _accumulate_dbias(partial, ds_t, code_n, code_m, num_heads, tl.minimum(group_size - start_m, CHUNK),
+                                  CHUNK, DETERMINISTIC)
         g_ptrs = dqkv_h + row_n[:, None] * stride_gt
         tl.store(g_ptrs + num_heads * head_dim, (dk * scale).to(dqkv.dtype.element_ty), mask=kv_mask)
         tl.store(g_ptrs + 2 * num_heads * head_dim, dv.to(dqkv.dtype.element_ty), mask=kv_mask)

@@ -313,4 +313,5 @@ def test_benchmark_smoke(tmp_path):
                     '--out', str(out)], check=True, cwd=ROOT, timeout=600)
     result = json.loads(out.read_text())
     assert {'padding', 'model_tile_ratio', 'layout_time', 'step_time'} <= set(result)
-    assert all(v['draws_with_more_padding'] <= result['draws'] and v['tile_ratio'] > 0 for v in result['padding'].values())
+    assert all(v['draws_with_more_padding'] <= result['draws'] and v['tile_ratio'] > 0
+               for v in result['padding'].values())

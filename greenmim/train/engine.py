@@ -336,7 +336,8 @@ class Trainer:
             sampler.start = start
             workers = self.loop.num_workers
         return DataLoader(self.dataset, batch_size=self.loop.batch_size, sampler=sampler, num_workers=workers,
-                          collate_fn=self.collate_at(self.epoch, self.micro_in_epoch), drop_last=True, pin_memory=self.process.device.type == 'cuda',
+                          collate_fn=self.collate_at(self.epoch, self.micro_in_epoch), drop_last=True,
+                          pin_memory=self.process.device.type == 'cuda',
                           generator=torch.Generator(), persistent_workers=False)
 
     def _report_step(self, totals: StepTotals) -> None:
