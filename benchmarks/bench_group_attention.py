@@ -24,9 +24,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import greenmim  # noqa: E402
-from greenmim.grouping import build_visible_layout  # noqa: E402
-from greenmim.kernels import group_window_attention_reference, group_window_attention_triton  # noqa: E402
-from greenmim.kernels.reference import relative_position_index  # noqa: E402
+from greenmim.kernels import group_window_attention_triton  # noqa: E402
+from greenmim.kernels.reference import group_window_attention_reference, relative_position_index  # noqa: E402
+from greenmim.layout import build_visible_layout  # noqa: E402
 from greenmim.masking import random_mask  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -113,11 +113,9 @@ def bench_layout(layout, num_tokens, heads, head_dim, dtype, device, args, flex)
     scale = head_dim ** -0.5
     allowed, rel_index = _allowed(layout), relative_position_index(layout.position.long(), layout.window_size)
     methods = {
-        'ours': lambda x, t: group_window_attention_triton(
-            x, layout.index, layout.segment, layout.position, t, layout.window_size, scale),
+        'ours': lambda x, t: group_window_attention_triton(x, layout, t, scale),
         'sdpa': lambda x, t: sdpa_attention(x, layout, t, scale, allowed, rel_index),
-        'reference': lambda x, t: group_window_attention_reference(
-            x, layout.index, layout.segment, layout.position, t, layout.window_size, scale),
+        'reference': lambda x, t: group_window_attention_reference(x, layout, t, scale),
     }
     result = dict(groups=layout.index.shape[0], group_size=layout.group_size, tokens=num_tokens, heads=heads,
                   window=list(layout.window_size), fill=round(num_tokens / layout.index.numel(), 3))

@@ -17,7 +17,7 @@ import timm
 import torch
 
 import greenmim
-from greenmim.grouping import build_visible_layout
+from greenmim.layout import build_visible_layout
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import write_result  # noqa: E402

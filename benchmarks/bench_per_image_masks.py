@@ -7,7 +7,7 @@ DataLoader workers build it), and step time.
 (a) padded slots / visible tokens for each (stage, window, shift), and the Eq. 8 cost, of the per-image layout of
 ``--batch`` images (all images' segments packed together) vs batch-wise layouts (each mask alone, as when it is the
 batch's mask), over ``--draws`` random draws; (b) the median host time of the layout at ``--batch`` for both kinds,
-and how long the training process waits per batch for (images, masks, layout) when a ``LayoutCollate`` in a
+and how long the training process waits per batch for (images, masks, layout) when a ``MaskCollate`` in a
 DataLoader with ``--workers`` workers builds the layouts, while the training process spends ``--step-ms`` per step
 (a sleep standing in for the accelerator's step; 0: the worst case, it only waits), against the wait for the
 samples alone; (c) GreenMIM step time
@@ -22,10 +22,12 @@ import time
 import numpy as np
 import timm
 import torch
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
 import greenmim
-from greenmim.grouping import LayoutCollate, build_visible_layout, grouping_cost, layout_to
+from greenmim.grouping import grouping_cost
+from greenmim.layout import build_visible_layout, layout_to
+from greenmim.train.data import MaskCollate, collate_images
 from greenmim.kernels.group_attention import launch_config
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -83,23 +85,24 @@ class _Trivial(torch.utils.data.Dataset):
         return 1 << 20
 
     def __getitem__(self, index):
-        return (torch.zeros(1),)  # collated: [tensor [B, 1]], whose length LayoutCollate takes as the batch size
+        return torch.zeros(1), -1  # (image, label): collated to a [B, 1] 'image' batch
 
 
-def worker_wait(specs, batch, workers, batches, step_ms):
+def worker_wait(specs, batch, workers, batches, step_ms, per_image=True, static=False):
     """Median / max time (ms) the training process waits per batch for (samples, masks, layout) built by a
-    ``LayoutCollate`` in ``workers`` DataLoader workers, plus moving the layout (:func:`layout_to`), while it spends
-    ``step_ms`` per step; and, as the baseline, for the samples alone (``default_collate``). The first batch, the
+    ``MaskCollate`` in ``workers`` DataLoader workers, plus moving the layout (:func:`layout_to`), while it spends
+    ``step_ms`` per step; and, as the baseline, for the samples alone (``collate_images``). The first batch, the
     workers' start-up, is left out."""
     result = dict(step_ms=step_ms, workers=workers, batches=batches)
-    for name, collate in (('samples_only', default_collate), ('with_layout', LayoutCollate(specs, 0.75))):
+    with_layout = MaskCollate(specs, 0.75, per_image=per_image, seed=0, static=static)
+    for name, collate in (('samples_only', collate_images), ('with_layout', with_layout)):
         it = iter(DataLoader(_Trivial(), batch_size=batch, num_workers=workers, collate_fn=collate))
         waits = []
         for i in range(batches + 1):
             t = time.perf_counter()
             item = next(it)
             if name == 'with_layout':
-                layout_to(item[1], torch.device('cpu'))
+                layout_to(item.inputs['packed'], torch.device('cpu'))
             if i:
                 waits.append(1e3 * (time.perf_counter() - t))
             time.sleep(step_ms / 1e3)

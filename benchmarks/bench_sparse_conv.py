@@ -22,10 +22,9 @@ if '--smoke' in sys.argv:  # Triton reads this when it is imported
 import torch  # noqa: E402
 
 from greenmim.kernels.backend import BACKENDS, resolve_backend  # noqa: E402
-from greenmim.grouping import StageSpec, build_visible_layout  # noqa: E402
-from greenmim.kernels import (  # noqa: E402
-    depthwise_conv_masked_grid, neighbour_map, sparse_depthwise_conv, sparse_depthwise_conv_reference,
-)
+from greenmim.layout import StageSpec, build_visible_layout  # noqa: E402
+from greenmim.kernels import neighbour_map, sparse_depthwise_conv  # noqa: E402
+from greenmim.kernels.reference import depthwise_conv_masked_grid, sparse_depthwise_conv_reference  # noqa: E402
 from greenmim.masking import random_mask  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from greenmim.grouping import StageSpec, build_visible_layout  # noqa: E402
+from greenmim.layout import StageSpec, build_visible_layout  # noqa: E402
 from greenmim.kernels import group_attention_op, group_window_attention_triton  # noqa: E402
 from greenmim.masking import random_mask  # noqa: E402
 
@@ -87,8 +87,7 @@ def measure(window: int, has_bias: bool, heads: int = 2, head_dim: int = 16) -> 
     dout = torch.randn(num_tokens, heads, head_dim, generator=gen).bfloat16()
     row = dict(window=window, group_size=layout.group_size, bias=has_bias)
     with count_host_work() as (ops, launches):
-        out = group_window_attention_triton(
-            qkv, layout.index, layout.segment, layout.position, table, layout.window_size, head_dim ** -0.5)
+        out = group_window_attention_triton(qkv, layout, table, head_dim ** -0.5)
     row['forward'] = dict(aten_ops=sum(ops.values()), launches=sum(launches.values()), ops=dict(ops),
                           kernels=dict(launches))
     with count_host_work() as (ops, launches):

@@ -3,7 +3,8 @@
 ``import greenmim`` registers the green models in timm (``timm.create_model("green_swin_base")``).
 """
 from . import models
-from .grouping import build_visible_layout, optimal_grouping
+from .grouping import optimal_grouping
+from .layout import build_visible_layout
 from .masking import num_visible, random_mask
 from .mim import GreenMIM, MIMOutput, SimMIM
 

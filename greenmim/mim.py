@@ -13,7 +13,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from greenmim.checkpoint import wrapper_metadata
-from greenmim.masking import num_visible, random_mask, unit_indices, upsample_mask
+from greenmim.layout import VisibleLayout
+from greenmim.masking import num_visible, random_mask, upsample_mask
 
 __all__ = ['MIMOutput', 'GreenMIM', 'SimMIM', 'patchify', 'unpatchify', 'mim_from_metadata', 'decoder_pos_embed',
            'MASK_MODES']
@@ -23,7 +24,7 @@ MASK_MODES = ('batch', 'image')  # one mask for the batch (the paper's), or one 
 
 class MIMOutput(NamedTuple):
     """``loss``: scalar; ``pred``: ``[B, L, u*u*C]`` predicted pixels per unit; ``mask``: the bool mask used,
-    ``[Hm, Wm]`` (batch-wise) or ``[B, Hm, Wm]`` (per image)."""
+    ``[Hm, Wm]`` (batch-wise) or ``[B, Hm, Wm]`` (per image; always with a static layout), on the images' device."""
     loss: torch.Tensor
     pred: torch.Tensor
     mask: torch.Tensor
@@ -116,22 +117,27 @@ class _MIMBase(nn.Module):
             images: torch.Tensor,
             mask: Optional[torch.Tensor] = None,
             generator: Optional[torch.Generator] = None,
-            layout=None,
+            layout: Optional[VisibleLayout] = None,
     ) -> MIMOutput:
-        """Images ``[B, C, H, W]`` -> :class:`MIMOutput`; ``mask`` (bool ``[Hm, Wm]`` for the batch or ``[B, Hm, Wm]``
-        per image, True = visible) is sampled from ``generator`` (:meth:`sample_mask`) when not given. The mask is
-        checked where its layout is built; GreenMIM takes the mask's ``layout`` if already built (e.g. in DataLoader
-        workers by :class:`greenmim.grouping.LayoutCollate`)."""
-        self.encoder.check_images(images)
-        if mask is None:
-            mask = self.sample_mask(generator, images.shape[0])
-        elif (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and tuple(mask.shape[-2:]) == self.grid_size
-                and bool(mask.flatten(-2).all(-1).any())):
-            raise ValueError('mask has no masked unit (all True = visible): MIM needs at least one unit to reconstruct')
+        """Images ``[B, C, H, W]`` -> :class:`MIMOutput`. ``mask`` (bool ``[Hm, Wm]`` for the batch or ``[B, Hm, Wm]``
+        per image, True = visible) is sampled from ``generator`` (:meth:`sample_mask`) when neither it nor a layout
+        is given. GreenMIM takes the encoder's ``layout`` of the mask instead if already built (e.g. in DataLoader
+        workers by :class:`greenmim.train.data.LayoutCollate`); a layout holds its mask, so ``mask`` may then be
+        left out (and is not read under ``torch.compile``: :meth:`~greenmim.models.visible.VisibleEncoderMixin.
+        resolve_layout`). Masks are checked where their layout is built, and in eager mode against it."""
+        if layout is None:
+            if mask is None:
+                mask = self.sample_mask(generator, images.shape[0])
+            if not torch.compiler.is_compiling():
+                self.encoder.check_images(images)
+                self.encoder.check_mask(mask, images.shape[0])
+                if bool(mask.flatten(-2).all(-1).any()):
+                    raise ValueError('mask has no masked unit (all True = visible): MIM needs at least one unit to '
+                                     'reconstruct')
         return self.forward_masked(images, mask, layout)
 
-    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor, layout=None) -> MIMOutput:
-        """:meth:`forward` with a given mask, after the image checks (GreenMIM: and optionally its layout)."""
+    def forward_masked(self, images: torch.Tensor, mask: Optional[torch.Tensor], layout=None) -> MIMOutput:
+        """:meth:`forward` with a given mask (checked) or layout (GreenMIM)."""
         raise NotImplementedError
 
 
@@ -202,16 +208,18 @@ class GreenMIM(_MIMBase):
             target = (target - mean) / (var + 1e-6) ** .5
         return F.mse_loss(pred.gather(1, index).float(), target)
 
-    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor, layout=None) -> MIMOutput:
-        """Encoder on the visible tokens -> decoder on every unit -> loss on the masked units; ``layout``: the
-        encoder's :meth:`visible_layout` of ``mask`` if already built (e.g. by
-        :class:`greenmim.grouping.LayoutCollate`), checked against ``mask``."""
+    def forward_masked(self, images: torch.Tensor, mask: Optional[torch.Tensor],
+                       layout: Optional[VisibleLayout] = None) -> MIMOutput:
+        """Encoder on the visible tokens -> decoder on every unit -> loss on the masked units, laid out by
+        ``layout`` (the encoder's :meth:`visible_layout` of ``mask``; built here if not given)."""
         if layout is None:
-            layout = self.encoder.visible_layout(mask, images.shape[0], images.device, self.group_size)
+            layout, mask = self.encoder.visible_layout(mask, images.shape[0], images.device, self.group_size), None
+        if layout.masked_units.shape[-1] == 0:  # a static shape: free under torch.compile
+            raise ValueError('mask has no masked unit (all True = visible): MIM needs at least one unit to '
+                             'reconstruct')
         latent = self.encoder.norm(self.encoder.forward_visible(images, mask, layout)[-1])
         pred = self.forward_decoder(latent, layout[-1].token_index)
-        masked_units = unit_indices(~mask.cpu()).to(images.device)
-        return MIMOutput(self.loss(images, pred, masked_units), pred, mask)
+        return MIMOutput(self.loss(images, pred, layout.masked_units), pred, layout.mask)
 
 
 class SimMIM(_MIMBase):
@@ -221,7 +229,7 @@ class SimMIM(_MIMBase):
     def __init__(self, encoder: Union[str, nn.Module] = 'green_swin_base', mask_ratio: float = 0.75,
                  mask_mode: str = 'batch', **encoder_kwargs):
         super().__init__(encoder, mask_ratio, mask_mode, **encoder_kwargs)
-        embed_dim = self.encoder.stage_specs()[0].channels
+        embed_dim = self.encoder.layout_specs[0].channels
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))
         self.decoder = nn.Conv2d(self.encoder.num_features, self.unit ** 2 * self.encoder.in_chans, kernel_size=1)
         nn.init.trunc_normal_(self.mask_token, std=.02)
@@ -230,10 +238,10 @@ class SimMIM(_MIMBase):
         """Dense encoder with the mask token at masked tokens -> 1x1-conv decoder -> L1 on the masked pixels."""
         if layout is not None:
             raise ValueError('SimMIM runs the dense encoder on every token: it takes no layout (pass layout=None)')
-        self.encoder.check_mask(mask, images.shape[0])
-        x = self.encoder.forward_masked_dense(images, mask.to(images.device), self.mask_token.view(-1))
+        mask = mask.to(images.device)
+        x = self.encoder.forward_masked_dense(images, mask, self.mask_token.view(-1))
         recon = F.pixel_shuffle(self.decoder(x), self.unit)  # [B, C, H, W]
-        hidden = upsample_mask(~mask.to(images.device), self.unit)
+        hidden = upsample_mask(~mask, self.unit)
         hidden = hidden.view(-1, 1, *hidden.shape[-2:])  # [1 or B, 1, H, W]
         l1 = (recon.float() - images.float()).abs() * hidden
         loss = l1.sum() / hidden.expand_as(images).sum()

@@ -10,29 +10,32 @@ import torch
 
 from .backend import resolve_backend
 from .group_attention_op import group_window_attention_triton
+from .groups import AttentionLayout, tile_group_size
 from .neighbour_map import neighbour_map
-from .reference import (
-    depthwise_conv_masked_grid, group_window_attention_reference, relative_position_index,
-    sparse_depthwise_conv_reference,
-)
+from .reference import group_window_attention_reference, sparse_depthwise_conv_reference
 from .sparse_conv_op import check_sparse_conv_inputs, sparse_depthwise_conv_triton
 
 __all__ = [
-    'group_window_attention', 'group_window_attention_reference', 'group_window_attention_triton',
-    'relative_position_index', 'resolve_backend',
-    'neighbour_map', 'sparse_depthwise_conv', 'sparse_depthwise_conv_reference', 'sparse_depthwise_conv_triton',
-    'depthwise_conv_masked_grid',
+    'AttentionLayout', 'group_window_attention', 'group_window_attention_triton', 'tile_group_size',
+    'resolve_backend', 'neighbour_map', 'sparse_depthwise_conv', 'sparse_depthwise_conv_triton',
 ]
 
 _IMPLEMENTATIONS = {'torch': group_window_attention_reference, 'triton': group_window_attention_triton}
 
 
-def group_window_attention(qkv: torch.Tensor, *args, backend: Optional[str] = None) -> torch.Tensor:
-    """Group window attention ``qkv [T, 3, H, D] -> [T, H, D]`` on the backend chosen for ``qkv``
-    (:func:`~greenmim.kernels.backend.resolve_backend`); the other arguments are those of
-    :func:`group_window_attention_reference`, passed on unchanged (``bias_table=None``: no relative position
-    bias; ``position`` and ``window_size`` may then be None)."""
-    return _IMPLEMENTATIONS[resolve_backend(qkv, backend)](qkv, *args)
+def group_window_attention(
+        qkv: torch.Tensor,
+        groups: AttentionLayout,
+        bias_table: Optional[torch.Tensor] = None,
+        scale: float = 1.0,
+        backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Group window attention ``qkv [T, 3, H, D] -> [T, H, D]`` over the ``groups`` of an
+    :class:`~greenmim.kernels.groups.AttentionLayout`, on the backend chosen for ``qkv``
+    (:func:`~greenmim.kernels.backend.resolve_backend`); see
+    :func:`~greenmim.kernels.reference.group_window_attention_reference` (``bias_table=None``: no relative
+    position bias)."""
+    return _IMPLEMENTATIONS[resolve_backend(qkv, backend)](qkv, groups, bias_table, scale)
 
 
 def sparse_depthwise_conv(

@@ -5,7 +5,8 @@ q/k/v rows are read straight from ``qkv [T, 3, H, D]`` through the slot -> token
 optional relative position bias is looked up from the ``[(2Wh-1)(2Ww-1), H]`` table with the index computed from the
 slots' in-window positions, the same-segment mask comes from ``segment``, and outputs are written in token order.
 Softmax runs in base 2 with fp32 accumulation; the forward stores the per-slot log-sum-exp (base 2) ``[G, H, S]``
-that the backward uses to recompute the probabilities.
+that the backward uses to recompute the probabilities. A program whose group is all padding (a static layout's
+spare capacity, :mod:`greenmim.layout`) reads the group's index row and exits.
 
 Register pressure: a disallowed pair is masked by loading its bias as ``-inf`` (or one ``where`` without bias), so
 neither the mask nor the bias index outlives the scores; the bias-gradient scatter recomputes its table rows from the
@@ -23,10 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .groups import MAX_BLOCK, MIN_BLOCK
+from .triton_runtime import interpreted
+
 __all__ = ['INTERPRETED', 'group_attention_forward', 'group_attention_backward', 'launch_config']
 
 LOG2E = tl.constexpr(math.log2(math.e))
-MAX_BLOCK = 64
 ZERO_BLOCK = tl.constexpr(256)  # bias-gradient partial entries zeroed per step
 
 
@@ -38,6 +41,16 @@ def _mma(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     else:
         c = tl.dot(a, b, input_precision=DOT_PRECISION)
     return c
+
+
+@triton.jit
+def _group_is_empty(index, g, group_size, BLOCK: tl.constexpr):
+    """Whether every slot of group ``g`` is padding (a static layout's spare capacity): its program exits early."""
+    last = tl.full([], -1, tl.int32)
+    for start in range(0, group_size, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        last = tl.maximum(last, tl.max(tl.load(index + g * group_size + offs, mask=offs < group_size, other=-1), 0))
+    return last < 0
 
 
 @triton.jit
@@ -107,6 +120,8 @@ def _group_attention_fwd_kernel(
     pid = tl.program_id(0)  # g * num_heads + h
     g = pid // num_heads
     h = pid % num_heads
+    if _group_is_empty(index, g, group_size, BLOCK):
+        return
     qk_scale = scale * LOG2E
     offs_d = tl.arange(0, BLOCK_D)
     in_d = offs_d < head_dim
@@ -230,6 +245,8 @@ def _group_attention_bwd_kv_kernel(
             tl.store(partial + offs_r * num_heads, tl.zeros([ZERO_BLOCK], tl.float32), mask=offs_r < num_rel)
         tl.debug_barrier()  # the zeros land before any thread adds to them
         partial += ((WINDOW_H - 1) * (2 * WINDOW_W - 1) + WINDOW_W - 1) * num_heads  # centre row
+    if _group_is_empty(index, g, group_size, BLOCK):
+        return
     for start_n in range(0, group_size, BLOCK):
         _, _, row_n, valid_n, seg_n, code_n = _load_slots(
             index, segment, position, g, group_size, start_n, BLOCK, WINDOW_W, HAS_BIAS)
@@ -272,6 +289,8 @@ def _group_attention_bwd_q_kernel(
     pid = tl.program_id(0)
     g = pid // num_heads
     h = pid % num_heads
+    if _group_is_empty(index, g, group_size, BLOCK):
+        return
     qk_scale = scale * LOG2E
     offs_d = tl.arange(0, BLOCK_D)
     in_d = offs_d < head_dim
@@ -297,11 +316,7 @@ def _group_attention_bwd_q_kernel(
                  (dq * scale).to(dqkv.dtype.element_ty), mask=q_mask)
 
 
-INTERPRETED = not isinstance(_group_attention_fwd_kernel, triton.runtime.JITFunction)
-if INTERPRETED and isinstance(tl.max, triton.runtime.JITFunction):
-    raise RuntimeError(
-        'TRITON_INTERPRET=1 was set after triton was imported: Triton decorates its own library (tl.max, tl.sum) '
-        'when it is imported, so set TRITON_INTERPRET=1 in the environment before Python starts')
+INTERPRETED = interpreted(_group_attention_fwd_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -318,7 +333,7 @@ def launch_config(dtype: torch.dtype, head_dim: int, group_size: int) -> Dict[st
     SM; left to itself ptxas trades a few bytes of spills for occupancy there), and the backward's tiles stop at 32
     rows.
     """
-    block = min(MAX_BLOCK, max(16, triton.next_power_of_2(group_size)))
+    block = min(MAX_BLOCK, max(MIN_BLOCK, triton.next_power_of_2(group_size)))
     common = dict(
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         DOT_PRECISION='ieee' if dtype == torch.float32 else 'tf32',

@@ -5,10 +5,12 @@
 registered autograd, so ``torch.compile`` traces them without graph breaks. The Triton module
 (:mod:`greenmim.kernels.group_attention`) is imported on the first launch.
 """
-import os
 from typing import Optional, Tuple
 
 import torch
+
+from .groups import AttentionLayout
+from .triton_runtime import check_triton_device, kernel_module
 
 __all__ = ['group_window_attention_triton', 'check_group_attention_inputs']
 
@@ -23,15 +25,10 @@ def _check_slot_map(name: str, t: torch.Tensor, index: torch.Tensor) -> None:
         raise ValueError(f'{name} has shape {tuple(t.shape)}, index has {tuple(index.shape)}')
 
 
-def check_group_attention_inputs(
-        qkv: torch.Tensor,
-        index: torch.Tensor,
-        segment: torch.Tensor,
-        position: Optional[torch.Tensor],
-        bias_table: Optional[torch.Tensor],
-        window_size: Optional[Tuple[int, int]],
-) -> None:
+def check_group_attention_inputs(qkv: torch.Tensor, groups: AttentionLayout, bias_table: Optional[torch.Tensor]
+                                 ) -> None:
     """Raise ``ValueError`` naming the problem unless the arguments suit the kernels (see the reference)."""
+    index, segment, position, window_size = groups.index, groups.segment, groups.position, groups.window_size
     if qkv.ndim != 4 or qkv.shape[1] != 3:
         raise ValueError(f'qkv must be [T, 3, H, D], got {tuple(qkv.shape)}')
     if qkv.dtype not in _DTYPES:
@@ -57,18 +54,7 @@ def check_group_attention_inputs(
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f'all tensors must be on one device, got {sorted(map(str, devices))}')
-    if not qkv.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
-        raise ValueError('the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors')
-
-
-def _kernels(qkv: torch.Tensor):
-    """The Triton module, imported on the first launch; raises if it was compiled and ``qkv`` is on the CPU."""
-    from . import group_attention
-    if not group_attention.INTERPRETED and not qkv.is_cuda:
-        raise RuntimeError(
-            'the Triton kernels were compiled for CUDA in this process (TRITON_INTERPRET was not 1 when triton was '
-            f'imported) and cannot run on {qkv.device} tensors')
-    return group_attention
+    check_triton_device(qkv)
 
 
 @torch.library.custom_op('greenmim::group_window_attention', mutates_args=())
@@ -85,7 +71,7 @@ def _forward_op(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out [T, H, D], lse [G, H, S] fp32)``; ``deterministic`` selects the backward's bias-gradient mode.
     Without a bias table, ``position`` and the window are unused."""
-    return _kernels(qkv).group_attention_forward(
+    return kernel_module('group_attention', qkv).group_attention_forward(
         qkv, index, segment, position, bias_table, (window_h, window_w), scale)
 
 
@@ -113,7 +99,7 @@ def _backward_op(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(dqkv [T, 3, H, D], dbias [(2Wh-1)(2Ww-1), H])``; without a bias table ``dbias`` is an empty ``[0]`` tensor
     (a custom op cannot return None)."""
-    dqkv, dbias = _kernels(qkv).group_attention_backward(
+    dqkv, dbias = kernel_module('group_attention', qkv).group_attention_backward(
         dout, qkv, out, lse, index, segment, position, bias_table, (window_h, window_w), scale, deterministic)
     return dqkv, dbias if dbias is not None else qkv.new_empty(0)
 
@@ -146,27 +132,26 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 def group_window_attention_triton(
         qkv: torch.Tensor,
-        index: torch.Tensor,
-        segment: torch.Tensor,
-        position: Optional[torch.Tensor],
+        groups: AttentionLayout,
         bias_table: Optional[torch.Tensor],
-        window_size: Optional[Tuple[int, int]],
         scale: float,
         deterministic: Optional[bool] = None,
 ) -> torch.Tensor:
     """Group window attention ``qkv [T, 3, H, D] -> [T, H, D]`` on the Triton kernels, differentiable in ``qkv``
     and ``bias_table``; arguments as :func:`~greenmim.kernels.reference.group_window_attention_reference`
-    (``bias_table=None``: no bias, ``position`` and ``window_size`` unused).
+    (``bias_table=None``: no bias, the positions and window unused). All-padding groups cost the kernels one
+    read of their index row.
 
     ``deterministic``: bitwise-reproducible bias-table gradient (no atomics); ``None`` follows
     ``torch.are_deterministic_algorithms_enabled()``. q/k/v and their gradients never use atomics.
     """
-    check_group_attention_inputs(qkv, index, segment, position, bias_table, window_size)
+    check_group_attention_inputs(qkv, groups, bias_table)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     has_bias = bias_table is not None
-    wh, ww = window_size if has_bias else (0, 0)
+    wh, ww = groups.window_size if has_bias else (0, 0)
     out, _ = _forward_op(
-        qkv, index.contiguous(), segment.contiguous(), position.contiguous() if has_bias else None, bias_table,
-        int(wh), int(ww), float(scale), bool(deterministic))
+        qkv, groups.index.contiguous(), groups.segment.contiguous(),
+        groups.position.contiguous() if has_bias else None, bias_table, int(wh), int(ww), float(scale),
+        bool(deterministic))
     return out

@@ -5,6 +5,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .groups import AttentionLayout
+
 __all__ = [
     'relative_position_index', 'group_window_attention_reference', 'sparse_depthwise_conv_reference',
     'depthwise_conv_masked_grid',
@@ -22,11 +24,8 @@ def relative_position_index(position: torch.Tensor, window_size: Tuple[int, int]
 
 def group_window_attention_reference(
         qkv: torch.Tensor,
-        index: torch.Tensor,
-        segment: torch.Tensor,
-        position: Optional[torch.Tensor],
+        groups: AttentionLayout,
         bias_table: Optional[torch.Tensor],
-        window_size: Optional[Tuple[int, int]],
         scale: float,
 ) -> torch.Tensor:
     """Attention inside groups of token slots with a block-diagonal (same-segment) mask and, optionally, Swin's
@@ -34,17 +33,17 @@ def group_window_attention_reference(
 
     Args:
         qkv: ``[T, 3, H, D]`` projections of the ``T`` visible tokens (token order).
-        index: int ``[G, S]`` token of each slot, -1 for padding; every token occupies exactly one slot.
-        segment: int ``[G, S]`` segment of each slot; slots attend to slots of the same segment in their group.
-        position: int ``[G, S]`` in-window position ``row * Ww + col`` of each slot (unused without a bias table).
+        groups: the ``[G, S]`` slot maps (:class:`~greenmim.kernels.groups.AttentionLayout`): token of each slot
+            (-1 for padding; every token in exactly one slot), its segment (slots attend to slots of the same
+            segment in their group) and in-window position (unused without a bias table).
         bias_table: ``[(2Wh-1)(2Ww-1), H]`` Swin relative position bias table, or None for no bias (e.g. Twins'
             locally-grouped attention).
-        window_size: ``(Wh, Ww)`` (unused without a bias table).
         scale: softmax scale applied to ``q``.
 
     Returns:
         ``[T, H, D]`` attention output in token order.
     """
+    index, segment, position, window_size = groups.index, groups.segment, groups.position, groups.window_size
     num_tokens, _, heads, dim = qkv.shape
     valid = index >= 0
     groups, size = index.shape

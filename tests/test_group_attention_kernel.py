@@ -8,14 +8,16 @@ import triton early): tests/conftest.py sets it on machines without CUDA; withou
 import importlib.util
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import timm
 import torch
 
 import greenmim  # noqa: F401  (registers the green models)
-from greenmim.grouping import StageSpec, build_visible_layout
-from greenmim.kernels import group_window_attention, group_window_attention_reference, group_window_attention_triton
+from greenmim.kernels import group_window_attention, group_window_attention_triton
+from greenmim.kernels.reference import group_window_attention_reference
+from greenmim.layout import StageSpec, build_visible_layout
 from greenmim.masking import random_mask
 
 TOLERANCES = {  # (atol, rtol) of kernel vs float64 reference, for outputs and gradients
@@ -56,14 +58,11 @@ def _inputs(layout, num_tokens, heads, head_dim, dtype, seed=0, device='cpu'):
 
 
 def _attention_and_grads(fn, qkv, table, layout, scale, dout, **kwargs):
-    """``(out, dqkv, dbias)`` of ``fn``; ``table=None``: no bias (``dbias`` None, position and window not passed)."""
+    """``(out, dqkv, dbias)`` of ``fn``; ``table=None``: no bias (``dbias`` None)."""
     qkv = qkv.detach().requires_grad_()
     if table is not None:
         table = table.detach().requires_grad_()
-        position, window = layout.position, layout.window_size
-    else:
-        position, window = None, None
-    out = fn(qkv, layout.index, layout.segment, position, table, window, scale, **kwargs)
+    out = fn(qkv, layout, table, scale, **kwargs)
     out.backward(dout)
     return out.detach(), qkv.grad, table.grad if table is not None else None
 
@@ -138,9 +137,8 @@ def test_non_contiguous_qkv_and_dispatch():
     heads, head_dim = 2, 16
     qkv_wide, table = _inputs(layout, num_tokens, heads, 2 * head_dim, torch.float32)
     qkv = qkv_wide[..., ::2]  # strided last dim
-    args = (layout.index, layout.segment, layout.position, table, layout.window_size, 0.25)
-    out = group_window_attention(qkv, *args, backend='triton')
-    torch.testing.assert_close(out, group_window_attention_reference(qkv, *args), atol=2e-5, rtol=2e-5)
+    out = group_window_attention(qkv, layout, table, 0.25, backend='triton')
+    torch.testing.assert_close(out, group_window_attention_reference(qkv, layout, table, 0.25), atol=2e-5, rtol=2e-5)
 
 
 def test_deterministic_bias_gradient_is_bitwise_reproducible():
@@ -184,8 +182,8 @@ def test_torch_compile_fullgraph(bias):
     table = table if bias else None
     dout = torch.randn(num_tokens, 2, 16)
 
-    def attention(qkv, index, segment, position, table, window_size, scale):
-        return group_window_attention_triton(qkv * 1.5, index, segment, position, table, window_size, scale).relu()
+    def attention(qkv, groups, table, scale):
+        return group_window_attention_triton(qkv * 1.5, groups, table, scale).relu()
 
     compiled = torch.compile(attention, backend='eager', fullgraph=True)
     eager = _attention_and_grads(attention, qkv, table, layout, 0.3, dout)
@@ -199,7 +197,7 @@ def test_torch_compile_fullgraph(bias):
 
 def test_green_swin_blocks_compile_fullgraph_on_triton_backend(monkeypatch):
     """The attention path of green_swin (every block of the first stage, plain and shifted windows) traces as one
-    graph. forward_visible as a whole does not: check_mask's ``bool(mask.any())`` is a data-dependent branch."""
+    graph on the Triton backend (the whole step on the torch backend: tests/test_static_step.py)."""
     monkeypatch.setenv('GREENMIM_BACKEND', 'triton')
     model = timm.create_model(
         'green_swin_tiny', img_size=64, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
@@ -222,21 +220,19 @@ def test_green_swin_blocks_compile_fullgraph_on_triton_backend(monkeypatch):
 def test_bad_inputs_raise_value_error():
     layout, num_tokens = _layout((8, 8), (4, 4), (0, 0))
     qkv, table = _inputs(layout, num_tokens, 2, 16, torch.float32)
-    args = [qkv, layout.index, layout.segment, layout.position, table, layout.window_size, 0.25]
-    bad = {
-        0: qkv[:, :2], 1: layout.index.long(), 2: layout.segment[:, :-1], 4: table[:-1],
-    }
-    for i, value in bad.items():
+    bad = [(qkv[:, :2], layout, table), (qkv, replace(layout, index=layout.index.long()), table),
+           (qkv, replace(layout, segment=layout.segment[:, :-1]), table), (qkv, layout, table[:-1])]
+    for args in bad:
         with pytest.raises(ValueError):
-            group_window_attention_triton(*args[:i], value, *args[i + 1:])
+            group_window_attention_triton(*args, 0.25)
     with pytest.raises(ValueError, match='head_dim'):
-        group_window_attention_triton(torch.zeros(num_tokens, 3, 2, 256), *args[1:])
+        group_window_attention_triton(torch.zeros(num_tokens, 3, 2, 256), layout, table, 0.25)
     with pytest.raises(ValueError, match='float'):
-        group_window_attention_triton(qkv.double(), *args[1:])
+        group_window_attention_triton(qkv.double(), layout, table, 0.25)
     with pytest.raises(ValueError, match='position'):
-        group_window_attention_triton(qkv, layout.index, layout.segment, None, table, layout.window_size, 0.25)
+        group_window_attention_triton(qkv, replace(layout, position=layout.position[:, :-1]), table, 0.25)
     with pytest.raises(ValueError, match='segment'):
-        group_window_attention_triton(qkv, layout.index, layout.segment[:, :-1], None, None, None, 0.25)
+        group_window_attention_triton(qkv, replace(layout, segment=layout.segment[:, :-1]), None, 0.25)
 
 
 def test_benchmark_smoke(tmp_path):

@@ -8,8 +8,8 @@ import timm
 import torch
 
 import greenmim  # noqa: F401  (registers the models)
-from greenmim.grouping import (
-    build_visible_layout, grouping_cost, max_subset, optimal_grouping, pack_segments)
+from greenmim.grouping import grouping_cost, max_subset, optimal_grouping, pack_segments
+from greenmim.layout import build_visible_layout
 from greenmim.masking import num_visible, random_mask
 
 

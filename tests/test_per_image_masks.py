@@ -15,10 +15,11 @@ import torch
 import greenmim
 from greenmim import grouping
 from greenmim.grouping import (
-    LayoutCollate, build_visible_layout, grouping_cost, layout_to, optimal_grouping, optimal_histogram_grouping,
-    pack_histogram, pack_segments)
+    grouping_cost, optimal_grouping, optimal_histogram_grouping, pack_histogram, pack_segments)
+from greenmim.layout import build_visible_layout, layout_to
 from greenmim.masking import check_mask, random_mask
 from greenmim.train import pretrain
+from greenmim.train.data import MaskCollate
 from greenmim.train.reconstruction import reconstruct
 from dense_reference import dense_key_masked_stages, dense_twins_key_masked_stages, rel_err
 from test_visible_contract import SMALL, _model
@@ -119,7 +120,7 @@ def test_per_image_layout_covers_every_token_once_with_image_segments(name, kwar
     layout = build_visible_layout(masks, specs, batch)
     for stage, spec in zip(layout, specs):
         n = stage.num_tokens
-        assert stage.token_index.shape == (batch, n) and torch.equal(stage.mask, masks)
+        assert stage.token_index.shape == (batch, n) and torch.equal(layout.mask, masks)
         for b in range(batch):  # each image's tokens are the ones its own mask keeps
             single = build_visible_layout(masks[b], specs, 1)[specs.index(spec)]
             assert torch.equal(stage.token_index[b], single.token_index)
@@ -153,25 +154,30 @@ def test_per_image_padding_and_cost_against_batch_wise():
     assert (totals[0] < totals[1]).all()
 
 
-def test_layout_collate_and_layout_to():
-    specs = _model('green_swin_tiny').stage_specs()
-    collate = LayoutCollate(specs, 0.5)
-    (images,), packed = collate([(torch.randn(3, 64, 64),) for _ in range(3)])
-    assert images.shape == (3, 3, 64, 64) and packed.mask.shape == (3, 2, 2)
+def test_mask_collate_and_layout_to():
+    specs = _model('green_swin_tiny').layout_specs
+    collate = MaskCollate(specs, 0.5, per_image=True, seed=0)
+    batch = collate([(torch.randn(3, 64, 64), -1) for _ in range(3)])
+    packed = batch.inputs['packed']
+    assert batch.images.shape == (3, 3, 64, 64) and packed.host_mask.shape == (3, 2, 2)
     assert packed.buffer.ndim == 1  # one buffer: one shared-memory handle from a worker
     moved = layout_to(packed, torch.device('cpu'))
-    mask = moved[0].mask
+    mask = moved.host_mask
     built = build_visible_layout(mask, specs, 3)
+    assert moved.batch_size == 3 and torch.equal(moved.mask, mask) and torch.equal(moved.masked_units,
+                                                                                   built.masked_units)
     for a, b in zip(built, moved):
-        assert a.batch_size == 3 and a.token_index.dtype == b.token_index.dtype == torch.long
+        assert a.token_index.dtype == b.token_index.dtype == torch.long
         assert torch.equal(a.token_index, b.token_index) and (a.merge_index is None or torch.equal(
             a.merge_index, b.merge_index))
         assert all(torch.equal(a.attention[k].index, b.attention[k].index) for k in a.attention)
     mim = greenmim.GreenMIM(_model('green_swin_tiny'), decoder_dim=32, decoder_heads=4).eval()
     with torch.no_grad():
-        assert torch.equal(mim.forward_masked(images, mask, moved).loss, mim(images, mask).loss)
-    _, packed = LayoutCollate(specs, 0.5, per_image=False)([(torch.randn(3, 64, 64),)] * 2)
-    assert packed.mask.shape == (2, 2)
+        assert torch.equal(mim(batch.images, layout=moved).loss, mim(batch.images, mask).loss)
+    again = MaskCollate(specs, 0.5, per_image=False, seed=0)([(torch.randn(3, 64, 64), -1)] * 2)
+    assert again.inputs['packed'].host_mask.shape == (2, 2)
+    masks_only = MaskCollate(specs, 0.5, per_image=False, seed=0, layout=False)([(torch.randn(3, 64, 64), -1)] * 2)
+    assert masks_only.inputs['mask'].shape == (2, 2)
 
 
 # ------------------------------------------------------------------------------------------------ encoders

@@ -11,11 +11,9 @@ import os
 import pytest
 import torch
 
-from greenmim.grouping import StageSpec, build_visible_layout
-from greenmim.kernels import (
-    depthwise_conv_masked_grid, neighbour_map, sparse_depthwise_conv, sparse_depthwise_conv_reference,
-    sparse_depthwise_conv_triton,
-)
+from greenmim.layout import StageSpec, build_visible_layout
+from greenmim.kernels import neighbour_map, sparse_depthwise_conv, sparse_depthwise_conv_triton
+from greenmim.kernels.reference import depthwise_conv_masked_grid, sparse_depthwise_conv_reference
 from greenmim.masking import random_mask
 
 TOLERANCES = {  # (atol relative to the largest entry of the float64 result, rtol), for outputs and gradients

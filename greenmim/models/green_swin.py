@@ -5,7 +5,7 @@ inference are plain timm. :meth:`GreenSwinTransformer.forward_visible` runs the 
 batch-wise or per-image mask of 32x32-pixel units only: patch embedding of visible 4x4 patches, group window
 attention over packed windows (see :mod:`greenmim.grouping`), and patch merging of all-visible 2x2 neighbourhoods.
 """
-from typing import List, Sequence
+from typing import List
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -14,8 +14,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from greenmim.grouping import AttentionLayout, StageLayout, StageSpec
-from greenmim.kernels import group_window_attention
+from greenmim.kernels import AttentionLayout, group_window_attention
+from greenmim.layout import StageLayout, StageSpec, VisibleLayout
 from greenmim.masking import upsample_mask
 from greenmim.models.family import ModelFamily, register_family
 from greenmim.models.manifest import pretrained_cfgs
@@ -29,6 +29,11 @@ class GreenSwinTransformer(VisibleEncoderMixin, SwinTransformer):
 
     def first_patch_embed(self) -> nn.Module:
         return self.patch_embed
+
+    def set_input_size(self, *args, **kwargs) -> None:
+        """timm's ``set_input_size`` (new image or window size); the stage specs are rebuilt on next use."""
+        super().set_input_size(*args, **kwargs)
+        self._forget_layout_specs()
 
     def stage_specs(self) -> List[StageSpec]:
         """Static per-stage description (grid, width, block windows) used to lay out visible tokens."""
@@ -49,9 +54,7 @@ class GreenSwinTransformer(VisibleEncoderMixin, SwinTransformer):
         """timm ``WindowAttention`` on visible tokens ``[B, N, C]`` through the group layout."""
         b, n, _ = x.shape
         qkv = attn.qkv(x).view(b * n, 3, attn.num_heads, -1)
-        out = group_window_attention(
-            qkv, layout.index, layout.segment, layout.position,
-            attn.relative_position_bias_table, layout.window_size, attn.scale)
+        out = group_window_attention(qkv, layout, attn.relative_position_bias_table, attn.scale)
         return attn.proj_drop(attn.proj(out.reshape(b, n, -1)))
 
     def _block_visible(self, block: nn.Module, x: torch.Tensor, layout: StageLayout) -> torch.Tensor:
@@ -60,11 +63,11 @@ class GreenSwinTransformer(VisibleEncoderMixin, SwinTransformer):
         x = x + block.drop_path1(self._attention_visible(block.attn, block.norm1(x), attn_layout))
         return x + block.drop_path2(block.mlp(block.norm2(x)))
 
-    def _encode_visible(self, x: torch.Tensor, layout: Sequence[StageLayout]) -> List[torch.Tensor]:
+    def _encode_visible(self, x: torch.Tensor, layout: VisibleLayout) -> List[torch.Tensor]:
         """Encode the visible tokens only (:meth:`VisibleEncoderMixin.forward_visible`): per-stage ``[B, N_s, C_s]``,
         timm's dense forward at those tokens when window attention also masks the keys of masked tokens."""
         outputs = []
-        for stage, stage_layout in zip(self.layers, layout):
+        for stage, stage_layout in zip(self.layers, layout.stages):
             if stage_layout.merge_index is None:
                 x = self.embed_visible_patches(x, stage_layout)
             else:  # PatchMerging of each token's 2x2 children, x00 x10 x01 x11

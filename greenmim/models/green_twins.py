@@ -13,7 +13,7 @@ plain timm. With 32x32-pixel mask units every strided convolution of Twins lines
 - the position encoding generator (``PosConv``, depthwise 3x3 after the first block of a stage) with its residual:
   a submanifold convolution (:func:`greenmim.kernels.sparse_depthwise_conv`), masked neighbours contributing zero.
 """
-from typing import List, Sequence
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn, Twins
 from torch import nn
 
-from greenmim.grouping import StageLayout, StageSpec
 from greenmim.kernels import group_window_attention, sparse_depthwise_conv
+from greenmim.layout import StageLayout, StageSpec, VisibleLayout
 from greenmim.masking import upsample_mask
 from greenmim.models.family import ModelFamily, register_family
 from greenmim.models.manifest import pretrained_cfgs
@@ -68,7 +68,7 @@ class GreenTwins(VisibleEncoderMixin, Twins):
         b, n, c = x.shape
         groups = layout.attention[((attn.ws, attn.ws), (0, 0))]
         qkv = attn.qkv(x).view(b * n, 3, attn.num_heads, -1)
-        out = group_window_attention(qkv, groups.index, groups.segment, None, None, None, attn.scale)
+        out = group_window_attention(qkv, groups, None, attn.scale)
         return attn.proj_drop(attn.proj(out.reshape(b, n, c)))
 
     @staticmethod
@@ -97,13 +97,13 @@ class GreenTwins(VisibleEncoderMixin, Twins):
         tokens = x.flatten(0, 1)
         return (sparse_depthwise_conv(tokens, layout.neighbours, conv.weight, conv.bias) + tokens).view_as(x)
 
-    def _encode_visible(self, x: torch.Tensor, layout: Sequence[StageLayout]) -> List[torch.Tensor]:
+    def _encode_visible(self, x: torch.Tensor, layout: VisibleLayout) -> List[torch.Tensor]:
         """Encode the visible tokens only (:meth:`VisibleEncoderMixin.forward_visible`): per-stage ``[B, N_s, C_s]``,
         timm's dense forward at those tokens when masked tokens are zeroed before each position encoding and kept
         out of the keys of every attention."""
         outputs = []
         for embed, drop, blocks, pos_block, stage_layout in zip(
-                self.patch_embeds, self.pos_drops, self.blocks, self.pos_block, layout):
+                self.patch_embeds, self.pos_drops, self.blocks, self.pos_block, layout.stages):
             if stage_layout.merge_index is None:
                 x = self.embed_visible_patches(x, stage_layout)
             else:  # strided patch embedding of each token's 2x2 children

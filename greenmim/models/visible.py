@@ -1,21 +1,27 @@
 """What every green model family shares around ``forward_visible``: input checks, the layout of the visible tokens
-(built once per step by :func:`greenmim.grouping.build_visible_layout`), and the patch embedding of visible patches.
+(built once per step by :func:`greenmim.layout.build_visible_layout`), and the patch embedding of visible patches.
 
 A family subclasses its timm model and :class:`VisibleEncoderMixin`, and says what its stages are
 (:meth:`~VisibleEncoderMixin.stage_specs`), which module embeds the pixels
 (:meth:`~VisibleEncoderMixin.first_patch_embed`) and how its encoder runs on visible tokens
 (:meth:`~VisibleEncoderMixin._encode_visible`).
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from greenmim.grouping import StageLayout, StageSpec, build_visible_layout, check_stage_specs
+from greenmim.layout import StageLayout, StageSpec, VisibleLayout, build_visible_layout, check_stage_specs
 from greenmim.masking import check_mask
 
 __all__ = ['VisibleEncoderMixin', 'gather_children']
+
+
+def _describe_specs(specs) -> str:
+    """Stage grids, widths and windows of a layout's specs, in a line."""
+    return ', '.join(f'{s.grid_size[0]}x{s.grid_size[1]}/{s.channels}' + (
+        f' windows {sorted({w for (w, _) in s.windows})}' if s.windows else '') for s in specs)
 
 
 def gather_children(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -31,11 +37,23 @@ class VisibleEncoderMixin:
     """Checks and layout of the visible tokens for a timm encoder whose last stage has one token per mask unit."""
 
     # host-side helpers: not part of a TorchScript model
-    __jit_unused_properties__ = ['mask_grid_size', 'mask_unit_size']
+    __jit_unused_properties__ = ['mask_grid_size', 'mask_unit_size', 'layout_specs']
 
     def stage_specs(self) -> List[StageSpec]:
         """Static per-stage description used to lay out the visible tokens."""
         raise NotImplementedError
+
+    @property
+    def layout_specs(self) -> Tuple[StageSpec, ...]:
+        """:meth:`stage_specs`, built once (a family whose stage grids or windows can change, e.g. by timm's
+        ``set_input_size``, calls :meth:`_forget_layout_specs` there)."""
+        specs = self.__dict__.get('_layout_specs')
+        if specs is None:
+            specs = self.__dict__['_layout_specs'] = tuple(self.stage_specs())
+        return specs
+
+    def _forget_layout_specs(self) -> None:
+        self.__dict__.pop('_layout_specs', None)
 
     def first_patch_embed(self) -> nn.Module:
         """The patch embedding of the pixels (timm ``PatchEmbed``: ``img_size``, ``patch_size``, ``proj``, ``norm``)."""
@@ -44,28 +62,28 @@ class VisibleEncoderMixin:
     @property
     def mask_grid_size(self) -> Tuple[int, int]:
         """``(Hm, Wm)``: the mask-unit grid, the token grid of the last stage."""
-        return tuple(self.stage_specs()[-1].grid_size)
+        return tuple(self.layout_specs[-1].grid_size)
 
     @property
     def mask_unit_size(self) -> int:
         """Side in pixels of a mask unit: the encoder's total stride (32 for Swin and Twins), the pixel patch times 2
         for each stage that merges 2x2 tokens of the previous one (known for any image size, unlike the grids)."""
-        merges = sum(spec.merges_previous_stage for spec in self.stage_specs())
+        merges = sum(spec.merges_previous_stage for spec in self.layout_specs)
         return self.first_patch_embed().patch_size[0] << merges
 
     def forward_visible(
             self,
             x: torch.Tensor,
-            mask: torch.Tensor,
-            layout: Optional[Sequence[StageLayout]] = None,
+            mask: Optional[torch.Tensor] = None,
+            layout: Optional[VisibleLayout] = None,
     ) -> List[torch.Tensor]:
         """Encode the visible tokens only.
 
         Args:
             x: images ``[B, C, H, W]``, ``H, W`` the model's image size (multiples of :attr:`mask_unit_size`).
             mask: bool ``[H / 32, W / 32]`` shared by the batch, or ``[B, H / 32, W / 32]`` one per image (the same
-                number of visible units each); True = visible.
-            layout: :meth:`visible_layout` of ``mask`` for this batch size, if already computed (required under
+                number of visible units each); True = visible. Optional with a ``layout`` (which holds its mask).
+            layout: :meth:`visible_layout` of the mask for this batch size, if already built (required under
                 ``torch.compile``, which then traces the whole encoder without graph breaks).
 
         Returns:
@@ -73,9 +91,9 @@ class VisibleEncoderMixin:
             final norm), equal to the family's dense forward at those positions when masked tokens are kept out of
             the keys of every attention (and zeroed before a convolution over tokens).
         """
-        return self._encode_visible(x, self._resolve_layout(x, mask, layout))
+        return self._encode_visible(x, self.resolve_layout(x, mask, layout))
 
-    def _encode_visible(self, x: torch.Tensor, layout: Sequence[StageLayout]) -> List[torch.Tensor]:
+    def _encode_visible(self, x: torch.Tensor, layout: VisibleLayout) -> List[torch.Tensor]:
         """The family's encoder on the visible tokens of images ``x`` laid out by ``layout`` (checked)."""
         raise NotImplementedError
 
@@ -101,7 +119,7 @@ class VisibleEncoderMixin:
         unit (or ``batch_size`` of them with equal visible counts: :func:`greenmim.masking.check_mask`), and the
         stages line up with the mask units (e.g. every stage grid holds whole windows)."""
         check_mask(mask, self.mask_grid_size, batch_size)
-        check_stage_specs(self.stage_specs(), self.mask_grid_size)
+        check_stage_specs(self.layout_specs, self.mask_grid_size)
 
     def visible_layout(
             self,
@@ -109,47 +127,58 @@ class VisibleEncoderMixin:
             batch_size: int,
             device: Optional[torch.device] = None,
             group_size: Optional[int] = None,
-    ) -> List[StageLayout]:
+            static: bool = False,
+    ) -> VisibleLayout:
         """Layout of the visible tokens of every stage for ``mask`` (``[Hm, Wm]``, or ``[B, Hm, Wm]`` per image;
         computed once per step, shared by all blocks); raises ``ValueError`` for a mask that does not suit the model
-        (:meth:`check_mask`)."""
+        (:meth:`check_mask`). ``static``: the same shapes for every mask of this batch size and visible count, of
+        either kind (for a compiled step; :mod:`greenmim.layout`)."""
         check_mask(mask, self.mask_grid_size, batch_size)
         device = device if device is not None else self.first_patch_embed().proj.weight.device
-        return build_visible_layout(mask, self.stage_specs(), batch_size, device, group_size)
+        return build_visible_layout(mask, self.layout_specs, batch_size, device, group_size, static)
 
-    def check_layout(self, layout: Sequence[StageLayout], x: torch.Tensor, mask: torch.Tensor) -> None:
-        """Raise ``ValueError`` unless ``layout`` is :meth:`visible_layout` of ``mask`` for this model, the batch
-        size of ``x`` and its device (host-side checks; no device sync for a CPU mask)."""
-        stages = len(self.stage_specs())
-        if len(layout) != stages:
-            raise ValueError(f'layout has {len(layout)} stages, the model has {stages}')
-        first = layout[0]
-        if first.batch_size != x.shape[0]:
-            raise ValueError(f'layout was built for batch size {first.batch_size}, the images have {x.shape[0]}')
-        if first.token_index.device != x.device:
-            raise ValueError(f'layout is on {first.token_index.device}, the images on {x.device}')
-        if not isinstance(mask, torch.Tensor) or mask.shape != first.mask.shape or not torch.equal(
-                mask.detach().to('cpu', torch.bool), first.mask):
-            raise ValueError('layout was built for another mask: pass the mask it was built from '
-                             '(or layout=None to build it)')
+    def check_layout(self, layout: VisibleLayout, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+        """Raise ``ValueError`` unless ``layout`` is a :meth:`visible_layout` for this model, the batch size and
+        device of ``x``, and (if given) ``mask``: host-side checks, no device sync."""
+        if not isinstance(layout, VisibleLayout):
+            raise ValueError(f'layout must be the VisibleLayout of model.visible_layout(...), got '
+                             f'{type(layout).__name__}')
+        if layout.specs != self.layout_specs:
+            raise ValueError(f'layout was built for another model: {_describe_specs(layout.specs)}; this model has '
+                             f'{_describe_specs(self.layout_specs)}')
+        if layout.batch_size != x.shape[0]:
+            raise ValueError(f'layout was built for batch size {layout.batch_size}, the images have {x.shape[0]}')
+        if layout.device != x.device:
+            raise ValueError(f'layout is on {layout.device}, the images on {x.device}')
+        if mask is not None:
+            check_mask(mask, self.mask_grid_size, x.shape[0])
+            if mask.shape != layout.host_mask.shape or not torch.equal(mask.detach().cpu(), layout.host_mask):
+                raise ValueError('layout was built for another mask: pass the mask it was built from, or only the '
+                                 'layout (it holds its mask)')
 
-    def _resolve_layout(
+    def resolve_layout(
             self,
             x: torch.Tensor,
-            mask: torch.Tensor,
-            layout: Optional[Sequence[StageLayout]],
-    ) -> Sequence[StageLayout]:
-        """The layout ``forward_visible`` runs on: ``layout`` checked against ``x`` and ``mask``, or built. Under
-        ``torch.compile`` the checks and the layout are host work done before the compiled region, so ``layout``
-        is required and taken as given."""
+            mask: Optional[torch.Tensor],
+            layout: Optional[VisibleLayout],
+    ) -> VisibleLayout:
+        """The layout ``forward_visible`` runs on: ``layout`` checked against ``x`` (and ``mask`` if given), or built
+        for ``mask``. Under ``torch.compile`` the step does device work only: ``layout`` is required and its shapes
+        alone are checked (free: they are static), so ``mask`` is not read -- the layout's own mask is used."""
         if torch.compiler.is_compiling():
             if layout is None:
-                raise ValueError('under torch.compile, pass layout=model.visible_layout(mask, batch_size)')
+                raise ValueError('under torch.compile, pass layout=model.visible_layout(mask, batch_size, '
+                                 'static=True)')
+            if layout.batch_size != x.shape[0]:
+                raise ValueError(f'layout was built for batch size {layout.batch_size}, the images have '
+                                 f'{x.shape[0]}')
             return layout
-        self.check_images(x)  # the mask is checked where its layout is built
+        self.check_images(x)
         if self.training and any(m.p > 0 for n, m in self.named_modules() if n.endswith('attn_drop')):
             raise ValueError('forward_visible does not implement attention dropout; build with attn_drop_rate=0')
         if layout is None:
+            if mask is None:
+                raise ValueError('forward_visible needs a mask or its layout')
             return self.visible_layout(mask, x.shape[0], x.device)
         self.check_layout(layout, x, mask)
         return layout

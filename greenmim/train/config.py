@@ -77,6 +77,9 @@ COMMON_HELP = {
     'accum_iter': 'micro-batches per optimizer step',
     'resume': 'checkpoint folder, run folder or its checkpoints/ folder to continue exactly',
     'max_steps': 'stop after this many optimizer steps in total, with a checkpoint (schedule unchanged)',
+    'compile': 'torch.compile the model step as one graph of static shapes, compiled once (pre-training: static '
+               'layouts built in the loader workers)',
+    'cuda_graphs': 'with --compile on CUDA: replay the compiled step as CUDA graphs (mode reduce-overhead)',
 }
 
 

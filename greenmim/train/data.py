@@ -13,24 +13,27 @@ becomes ``None`` and is dropped by :func:`collate_images`, which counts it, so a
 Augmentation randomness is seeded per sample from ``(seed, epoch, index)``: the same sample gets the same crop
 whatever the number of workers or the point a run was resumed from.
 """
+import copy
 import io
 import itertools
 import os
 import random
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, DistributedSampler, IterableDataset
+from torch.utils.data import Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from greenmim.data import IMAGES_DIR
+from greenmim.layout import StageSpec, build_visible_layout, pack_layout
+from greenmim.masking import random_mask
 
 __all__ = [
     'IMAGE_EXTENSIONS', 'DATA_FORMATS', 'Batch', 'ImageFolderDataset', 'HFImageDataset', 'HFStreamingDataset',
-    'ResumableSampler', 'build_dataset', 'collate_images', 'sample_seed',
+    'ResumableSampler', 'build_dataset', 'collate_images', 'sample_seed', 'MaskCollate',
 ]
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
@@ -258,13 +261,12 @@ class ResumableSampler(DistributedSampler):
 
 
 class Batch(NamedTuple):
-    """``images [B, C, H, W]`` (``None`` if every sample was skipped), ``labels [B]``, the number skipped, and the
-    batch's masks and layout when the loader builds them (pre-training with per-image masks: a
-    :class:`~greenmim.grouping.PackedLayout`)."""
+    """``images [B, C, H, W]`` (``None`` if every sample was skipped), ``labels [B]``, the number skipped, and what
+    the task's collate adds for its loss (pre-training: the batch's mask or packed layout, :class:`MaskCollate`)."""
     images: Optional[torch.Tensor]
     labels: Optional[torch.Tensor]
     skipped: int
-    layout: Optional[Any] = None
+    inputs: Dict[str, Any] = {}
 
 
 def collate_images(samples: Sequence[Optional[Tuple[torch.Tensor, int]]]) -> Batch:
@@ -338,3 +340,62 @@ def build_dataset(
     if streaming:
         return HFStreamingDataset(hf_dataset, **hf, length=epoch_size, rank=rank, world_size=world_size)
     return HFImageDataset(hf_dataset, **hf)
+
+
+class MaskCollate:
+    """DataLoader ``collate_fn`` of pre-training: :func:`collate_images`, then the batch's masks and (for GreenMIM)
+    their CPU layout, drawn and built in the worker processes, so the training process only copies them to its
+    device (:func:`greenmim.layout.layout_to`: one buffer, pinned by the loader).
+
+    Args:
+        specs: the encoder's ``layout_specs``; the mask grid is the last stage's.
+        mask_ratio: as :func:`greenmim.masking.random_mask`.
+        per_image: one mask per image (``[B, Hm, Wm]``) or one for the batch (``[Hm, Wm]``).
+        layout: build the layout (GreenMIM) or pass the mask only (SimMIM, whose dense encoder takes no layout).
+        static: static layouts (:mod:`greenmim.layout`; for a compiled step), else exact ones.
+        group_size: fixed ``g_s`` of exact layouts.
+        seed: the masks of the ``i``-th batch handed out by a loader made with :meth:`at` ``(epoch, first)`` come
+            from a generator seeded by ``(seed, epoch, first + i)``, whatever the number of workers (a map-style
+            DataLoader hands batches to its workers in turn), so a run that resumes at batch ``first`` draws the
+            masks it would have.
+
+    Returns a :class:`Batch` whose ``inputs`` hold ``packed`` (a :class:`~greenmim.layout.PackedLayout`) or
+    ``mask``; none for a batch whose every image was unreadable.
+    """
+
+    def __init__(self, specs: Sequence[StageSpec], mask_ratio: float, per_image: bool, seed: int,
+                 layout: bool = True, static: bool = False, group_size: Optional[int] = None):
+        self.specs, self.mask_ratio, self.per_image, self.seed = tuple(specs), mask_ratio, per_image, seed
+        self.layout, self.static, self.group_size = layout, static, group_size
+        self.epoch, self.next_batch = 0, 0
+
+    def at(self, epoch: int, first: int) -> 'MaskCollate':
+        """A copy for a loader of ``epoch`` whose first batch is batch ``first`` of the epoch."""
+        collate = copy.copy(self)
+        collate.epoch, collate.next_batch = epoch, first
+        return collate
+
+    def _generator(self) -> torch.Generator:
+        """The generator of the next batch's masks."""
+        worker = get_worker_info()
+        workers, rank = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        batch = self.next_batch + rank
+        self.next_batch += workers  # this process's next batch
+        seed = np.random.SeedSequence([self.seed, self.epoch, batch]).generate_state(1)[0]
+        return torch.Generator().manual_seed(int(seed))
+
+    def masks(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """The masks of a batch: ``[B, Hm, Wm]`` per image, else ``[Hm, Wm]``."""
+        return random_mask(self.specs[-1].grid_size, self.mask_ratio, generator,
+                           batch_size if self.per_image else None)
+
+    def __call__(self, samples) -> Batch:
+        batch, generator = collate_images(samples), self._generator()
+        if batch.images is None:
+            return batch
+        mask = self.masks(len(batch.images), generator)
+        if not self.layout:
+            return batch._replace(inputs={'mask': mask})
+        layout = build_visible_layout(mask, self.specs, len(batch.images), torch.device('cpu'), self.group_size,
+                                      self.static)
+        return batch._replace(inputs={'packed': pack_layout(layout)})

@@ -1,10 +1,13 @@
 """Process-group setup from the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ...).
 
-NCCL on CUDA, gloo on the CPU. Without ``WORLD_SIZE > 1`` in the environment everything runs in one process.
+NCCL on CUDA, gloo on the CPU. Without ``WORLD_SIZE > 1`` in the environment everything runs in one process. Under
+NCCL a gloo group over the same ranks carries the host-side agreements (whether a micro-batch is empty on some rank),
+so they need no device sync.
 """
 import io
 import os
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -19,6 +22,7 @@ class DistributedProcess:
     world_size: int
     local_rank: int
     device: torch.device
+    control_group: Optional[Any] = None  # gloo group for host tensors under NCCL (None: the default group)
 
     @property
     def is_main(self) -> bool:
@@ -38,16 +42,21 @@ def init_distributed(device: str = 'auto') -> DistributedProcess:
     if device == 'cuda':
         torch.cuda.set_device(local_rank)
         device = f'cuda:{local_rank}'
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if str(device).startswith('cuda') else 'gloo')
-    return DistributedProcess(rank, world_size, local_rank, torch.device(device))
+    control = None
+    if world_size > 1:
+        if not dist.is_initialized():
+            dist.init_process_group('nccl' if str(device).startswith('cuda') else 'gloo')
+        if dist.get_backend() != 'gloo':
+            control = dist.new_group(backend='gloo')
+    return DistributedProcess(rank, world_size, local_rank, torch.device(device), control)
 
 
-def all_reduce_sum(values: torch.Tensor, process: DistributedProcess) -> torch.Tensor:
-    """Sum of ``values`` over ranks (``values`` itself in one process)."""
+def all_reduce_sum(values: torch.Tensor, process: DistributedProcess, control: bool = False) -> torch.Tensor:
+    """Sum of ``values`` over ranks (``values`` itself in one process); ``control``: host tensors over the
+    host-side group (no device sync)."""
     if process.distributed:
         values = values.clone()
-        dist.all_reduce(values)
+        dist.all_reduce(values, group=process.control_group if control else None)
     return values
 
 

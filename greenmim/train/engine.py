@@ -52,6 +52,7 @@ class LoopConfig:
     save_every: int = 1              # epochs between checkpoints (the last epoch is always saved)
     keep_last: int = 2
     log_every: int = 1               # optimizer steps between JSONL step records
+    cuda_graphs: bool = False        # the model step replays as CUDA graphs (torch.compile's reduce-overhead)
 
     @classmethod
     def of(cls, run_config) -> 'LoopConfig':
@@ -71,21 +72,24 @@ class TrainSummary:
     best_checkpoint: Optional[str] = None
     interrupted: bool = False
     wall_time_s: float = 0.0
+    graphs_compiled: Optional[int] = None  # with torch.compile: graphs Dynamo compiled in this call (1: once)
 
 
 @dataclass
 class StepTotals:
-    """What the micro-batches of the current optimizer step added up to: the sum of their losses (each the rank
-    mean), how many had images (a micro-batch whose images were all unreadable is skipped), and the images."""
-    loss_sum: float = 0.0
+    """What the micro-batches of the current optimizer step added up to: the sum of their losses (a device scalar,
+    read once per optimizer step), how many had images (a micro-batch whose images were all unreadable is
+    skipped), and the images."""
+    loss_sum: Optional[torch.Tensor] = None
     trained: int = 0
     images: int = 0
     synced: bool = False  # DDP averaged the gradients (in the backward of the step's last micro-batch)
 
-    @property
-    def loss(self) -> Optional[float]:
-        """Mean loss of the micro-batches that trained; ``None`` when every one was skipped."""
-        return self.loss_sum / self.trained if self.trained else None
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        loss = loss.detach().float()
+        self.loss_sum = loss.clone() if self.loss_sum is None else self.loss_sum + loss  # (a CUDA graph reuses loss)
+        self.trained += 1
+        self.images += images
 
 
 @dataclass
@@ -114,6 +118,11 @@ def steps_per_epoch(dataset, loop: LoopConfig, process: DistributedProcess) -> i
         raise ValueError(f'{per_rank} images per rank are fewer than one optimizer step needs '
                          f'(batch_size {loop.batch_size} x accum_iter {loop.accum_iter}): lower the batch size')
     return steps
+
+
+def _compiled_graphs() -> int:
+    """Graphs ``torch.compile`` (Dynamo) has compiled in this process so far."""
+    return torch._dynamo.utils.counters['stats']['unique_graphs']
 
 
 @contextmanager
@@ -187,6 +196,7 @@ class Trainer:
         :class:`TrainSummary`."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.summary = TrainSummary(str(self.output_dir), self.step, self.epoch)
+        self._graphs_at_start = _compiled_graphs()
         self._start_time = self._last_step_time = time.time()
         self._bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.process.is_main, unit='step',
                          dynamic_ncols=True, desc='train')
@@ -206,10 +216,10 @@ class Trainer:
         for batch in self._loader():
             if self.micro_in_epoch >= micro_batches:
                 break
-            self._micro_step(batch, totals, stop)
+            self._micro_step(batch, totals)
             if self.micro_in_epoch % self.loop.accum_iter:
                 continue  # the optimizer step needs more micro-batches
-            self._optimizer_step(totals)
+            self._optimizer_step(totals, stop)
             totals = StepTotals()
             if stop.requested or (self.loop.max_steps and self.step >= self.loop.max_steps):
                 self.summary.interrupted = stop.requested
@@ -218,14 +228,15 @@ class Trainer:
                 return False
         return True
 
-    def _micro_step(self, batch: Batch, totals: StepTotals, stop: StopRequest) -> None:
-        """Forward and backward of one micro-batch, its loss added to ``totals``; a micro-batch that is empty on
-        any rank (every image unreadable) is skipped by all ranks."""
+    def _micro_step(self, batch: Batch, totals: StepTotals) -> None:
+        """Forward and backward of one micro-batch, its loss added to ``totals`` on the device (no host sync); a
+        micro-batch that is empty on any rank (every image unreadable) is skipped by all ranks, which agree on it
+        over the host-side control group."""
         process, accum = self.process, self.loop.accum_iter
         empty, skipped = batch.images is None, batch.skipped
         if process.distributed:  # ranks must run the same collectives
-            agreed = all_reduce_sum(torch.tensor([float(empty), float(skipped)], device=process.device), process)
-            empty, skipped = agreed[0].item() > 0, int(agreed[1].item())
+            agreed = all_reduce_sum(torch.tensor([float(empty), float(skipped)]), process, control=True)
+            empty, skipped = bool(agreed[0] > 0), int(agreed[1])
         self.summary.images_skipped += skipped
         if self.micro_in_epoch % accum == 0:
             self.scheduler.step_update(self.step)
@@ -235,35 +246,38 @@ class Trainer:
         images = batch.images.to(process.device, non_blocking=True)
         labels = batch.labels.to(process.device, non_blocking=True)
         last_of_step = self.micro_in_epoch % accum == 0
+        if self.loop.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # this micro-batch's replay may reuse the last one's memory
         with nullcontext() if last_of_step or not process.distributed else self.train_model.no_sync():
             with torch.autocast(process.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                extra = {} if batch.layout is None else {'layout': batch.layout}
-                loss = self.loss_fn(self.train_model, images, labels, **extra)
-            loss_value = self._rank_mean_loss(loss, stop)
+                loss = self.loss_fn(self.train_model, images, labels, **batch.inputs)
             self.scaler.scale(loss / accum).backward()
-        totals.loss_sum += loss_value
-        totals.trained += 1
-        totals.images += images.shape[0]
+        totals.add(loss, images.shape[0])
         totals.synced = last_of_step
 
-    def _rank_mean_loss(self, loss: torch.Tensor, stop: StopRequest) -> float:
-        """The loss averaged over ranks, checked before any update; a Ctrl-C on any rank stops every rank."""
+    def _agree(self, totals: StepTotals, stop: StopRequest) -> Optional[float]:
+        """The step's loss (mean over its micro-batches and the ranks; ``None`` if all were skipped), read with
+        the step's one host sync and checked before any update; a Ctrl-C on any rank stops every rank."""
         process = self.process
-        check = all_reduce_sum(
-            torch.stack([loss.detach().float(), torch.tensor(float(stop.requested), device=loss.device)]), process)
-        value = check[0].item() / process.world_size
+        loss = totals.loss_sum / totals.trained if totals.trained else torch.zeros((), device=process.device)
+        check = all_reduce_sum(torch.stack([loss, torch.tensor(float(stop.requested), device=loss.device)]), process)
+        total, stops = check.tolist()  # the host sync of this optimizer step
+        stop.requested = stop.requested or stops > 0
+        if not totals.trained:
+            return None
+        value = total / process.world_size
         if not math.isfinite(value):
             raise NonFiniteLossError(
                 f'loss is {value} at step {self.step + 1} (epoch {self.epoch}): stopped before updating the weights. '
                 f'The last good checkpoint is untouched ({self.output_dir / "checkpoints" / "last.json"}); resume '
                 'from it with a lower learning rate, or check the data.')
-        stop.requested = stop.requested or check[1].item() > 0
         return value
 
-    def _optimizer_step(self, totals: StepTotals) -> None:
-        """Clip, update the weights (through the gradient scaler), record the step (RNG states, loss, log). A step
-        whose micro-batches were all skipped counts as a step (the schedule and data position advance on every
-        rank alike) but updates nothing and adds no loss."""
+    def _optimizer_step(self, totals: StepTotals, stop: StopRequest) -> None:
+        """Agree on the loss (:meth:`_agree`), clip, update the weights (through the gradient scaler), record the
+        step (RNG states, loss, log). A step whose micro-batches were all skipped counts as a step (the schedule and
+        data position advance on every rank alike) but updates nothing and adds no loss."""
+        loss = self._agree(totals, stop)
         if totals.trained:
             if self.process.distributed and not totals.synced:
                 self._average_gradients()
@@ -273,12 +287,12 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-            self.epoch_loss.total += totals.loss
+            self.epoch_loss.total += loss
             self.epoch_loss.steps += 1
-            self.summary.losses.append(totals.loss)
+            self.summary.losses.append(loss)
         self.step += 1
         self.rng_after_step = capture_rng_state(self.generators)
-        self._report_step(totals)
+        self._report_step(loss, totals.images)
 
     def _average_gradients(self) -> None:
         """Average the gradients over ranks by hand: DDP does it in the backward of a step's last micro-batch, which
@@ -317,6 +331,9 @@ class Trainer:
         summary = self.summary
         summary.steps, summary.epochs_completed = self.step, self.epoch
         summary.wall_time_s = time.time() - self._start_time
+        if isinstance(self.train_model, torch._dynamo.eval_frame.OptimizedModule):
+            summary.graphs_compiled = _compiled_graphs() - self._graphs_at_start
+            self._log({'type': 'compile', 'graphs': summary.graphs_compiled, 'steps': summary.steps})
         best = self.output_dir / 'checkpoints' / 'best.json'
         if best.exists():
             summary.best_checkpoint = str(best.parent / json.loads(best.read_text())['checkpoint'])
@@ -340,19 +357,19 @@ class Trainer:
                           pin_memory=self.process.device.type == 'cuda',
                           generator=torch.Generator(), persistent_workers=False)
 
-    def _report_step(self, totals: StepTotals) -> None:
+    def _report_step(self, loss: Optional[float], images: int) -> None:
         """Progress bar and (every ``log_every`` steps) the JSONL step record."""
         now = time.time()
         images_per_step = self.loop.batch_size * self.loop.accum_iter * self.process.world_size
         speed = images_per_step / max(now - self._last_step_time, 1e-9)
         self._last_step_time = now
         lr = max(g['lr'] for g in self.optimizer.param_groups)
-        loss = 'skipped' if totals.loss is None else f'{totals.loss:.4f}'
-        self._bar.set_postfix(epoch=self.epoch, loss=loss, lr=f'{lr:.2e}', img_s=f'{speed:.1f}')
+        self._bar.set_postfix(epoch=self.epoch, loss='skipped' if loss is None else f'{loss:.4f}', lr=f'{lr:.2e}',
+                              img_s=f'{speed:.1f}')
         self._bar.update(1)
         if self.step % self.loop.log_every == 0:  # a skipped step: loss null, images 0
-            self._log({'type': 'step', 'step': self.step, 'epoch': self.epoch, 'loss': totals.loss, 'lr': lr,
-                       'img_per_s': speed, 'images': totals.images * self.process.world_size,
+            self._log({'type': 'step', 'step': self.step, 'epoch': self.epoch, 'loss': loss, 'lr': lr,
+                       'img_per_s': speed, 'images': images * self.process.world_size,
                        'elapsed_s': now - self._start_time})
 
     def _log(self, record: Dict[str, Any]) -> None:

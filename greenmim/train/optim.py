@@ -20,10 +20,12 @@ def scaled_lr(base_lr: float, batch_size: int, base_batch_size: int = 256) -> fl
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.05,
-                    betas: Tuple[float, float] = (0.9, 0.95), layer_decay: Optional[float] = None):
-    """AdamW over ``model``'s trainable parameters, no decay on ``ndim <= 1`` and ``no_weight_decay()`` names."""
+                    betas: Tuple[float, float] = (0.9, 0.95), layer_decay: Optional[float] = None,
+                    fused: bool = False):
+    """AdamW over ``model``'s trainable parameters, no decay on ``ndim <= 1`` and ``no_weight_decay()`` names;
+    ``fused``: PyTorch's fused (one kernel, CUDA) implementation, else its multi-tensor ``foreach`` one."""
     return create_optimizer_v2(model, 'adamw', lr=lr, weight_decay=weight_decay, betas=betas,
-                               layer_decay=layer_decay)
+                               layer_decay=layer_decay, **({'fused': True} if fused else {'foreach': True}))
 
 
 def build_scheduler(optimizer, total_steps: int, warmup_steps: int, min_lr: float = 0.0) -> CosineLRScheduler:

@@ -14,12 +14,12 @@ from timm.models import get_arch_name
 from torch.utils.data import IterableDataset
 
 from greenmim.checkpoint import weights_metadata
-from greenmim.grouping import LayoutCollate, layout_to
+from greenmim.layout import layout_to
 from greenmim.mim import MASK_MODES, GreenMIM, SimMIM
 from greenmim.models.family import FAMILIES
 
 from .config import amp_dtype, config_command, derived_seed
-from .data import Batch, build_dataset, collate_images
+from .data import MaskCollate, build_dataset
 from .engine import TrainSummary
 from .reconstruction import save_reconstruction_grid
 from .run import RunConfig, build_trainer, create_model, run_session
@@ -116,22 +116,15 @@ def _preview_batch(dataset, count: int, input_size: int) -> Optional[torch.Tenso
     return torch.stack(images) if images else None
 
 
-class _PerImageBatches(LayoutCollate):
-    """:class:`~greenmim.grouping.LayoutCollate` of pre-training: a :class:`~greenmim.train.data.Batch` carrying its
-    packed layout. Each micro-batch's masks come from a seed of its position in the run, so resuming draws them
-    again, whatever the number of workers."""
-
-    def __call__(self, samples) -> Batch:
-        batch, layout = super().__call__(samples)
-        return batch._replace(layout=layout)
-
-
 def pretrain(config: PretrainConfig) -> TrainSummary:
     """Pre-train as configured; returns the run's :class:`~greenmim.train.engine.TrainSummary`.
 
-    One step: the loader yields a micro-batch, the loss function draws its mask from this rank's mask generator,
-    and the model (:meth:`greenmim.GreenMIM.forward`) encodes the visible tokens, decodes every unit and returns
-    the loss on the masked ones; the shared :class:`~greenmim.train.engine.Trainer` does the rest.
+    One step: a DataLoader worker collates a micro-batch and draws its masks and their layout
+    (:class:`~greenmim.train.data.MaskCollate`, seeded by the batch's position); the loss function copies the
+    layout to the device (one buffer) and the model (:meth:`greenmim.GreenMIM.forward`) encodes the visible
+    tokens, decodes every unit and returns the loss on the masked ones; the shared
+    :class:`~greenmim.train.engine.Trainer` does the rest. With ``--compile`` the layouts are static and the model
+    step compiles once.
 
     Raises:
         ValueError: an unusable setting, model or output folder (before any data is read or file written), or
@@ -144,23 +137,19 @@ def pretrain(config: PretrainConfig) -> TrainSummary:
 
 def _pretrain(config: PretrainConfig, process) -> TrainSummary:
     model = build_mim_model(config).to(process.device)  # checks the sizes before any data is read
-    mask_generator = torch.Generator().manual_seed(derived_seed(config.seed, process.rank, 2))
     dataset = build_dataset(
         config.data, pretrain_transform(config.input_size), data_format=config.data_format, split=config.split,
         streaming=config.streaming, image_column=config.image_column, min_size=config.min_image_size,
         seed=config.seed, epoch_size=config.epoch_size, rank=process.rank, world_size=process.world_size)
+    collate = MaskCollate(
+        model.encoder.layout_specs, config.mask_ratio, per_image=config.mask_mode == 'image',
+        seed=derived_seed(config.seed, process.rank, 3), layout=config.method == 'greenmim', static=config.compile,
+        group_size=getattr(model, 'group_size', None))
 
-    collate_at = None
-    if config.method == 'greenmim' and config.mask_mode == 'image':  # layouts built in the DataLoader workers
-        collate_at = _PerImageBatches(
-            model.encoder.stage_specs(), config.mask_ratio, group_size=model.group_size, collate=collate_images,
-            seed=derived_seed(config.seed, process.rank, 3)).at
-
-    def loss_fn(net, images, labels, layout=None):
-        if layout is None:
-            return net(images, generator=mask_generator).loss
-        layout = layout_to(layout, images.device)
-        return net(images, mask=layout[0].mask, layout=layout).loss
+    def loss_fn(net, images, labels, packed=None, mask=None):
+        if packed is not None:
+            return net(images, layout=layout_to(packed, images.device)).loss
+        return net(images, mask=mask.to(images.device, non_blocking=True)).loss
 
     preview = (_preview_batch(dataset, config.vis_images, config.input_size)
                if process.is_main and config.vis_every else None)
@@ -181,7 +170,7 @@ def _pretrain(config: PretrainConfig, process) -> TrainSummary:
                                 wrapper=model, method=config.method)
     trainer = build_trainer(
         config, process, model, dataset, loss_fn, metadata=metadata, lr_batch=256, on_epoch_end=on_epoch_end,
-        generators={'mask': mask_generator}, collate_at=collate_at,
+        collate_at=collate.at,
         description=f'pretrain {config.method} {config.model} @ {config.input_size}px on '
                     f'{config.data or "the embedded sample photos"} ({num_images} images, {dataset.num_ignored} '
                     'non-image files ignored)')
@@ -200,6 +189,8 @@ def _print_summary(summary: TrainSummary, output_dir: Path) -> None:
         f'  epoch loss {losses[0]:.4f} -> {losses[-1]:.4f}' if losses else
         (f'  step loss {summary.losses[0]:.4f} -> {summary.losses[-1]:.4f}' if summary.losses else ''),
         f'  images skipped (unreadable or smaller than the minimum size): {summary.images_skipped}',
+        '' if summary.graphs_compiled is None else '  torch.compile: ' + (
+            'compiled once' if summary.graphs_compiled == 1 else f'{summary.graphs_compiled} graphs compiled'),
         f'  last checkpoint: {summary.last_checkpoint}',
         f'  best checkpoint: {summary.best_checkpoint}',
         f'  reconstructions: {pngs[-1]}' if pngs else '',

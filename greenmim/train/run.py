@@ -34,7 +34,8 @@ __all__ = ['RunConfig', 'start_process', 'run_session', 'create_model', 'build_t
 class RunConfig:
     """How a training run executes, the same for pre-training and fine-tuning (flags of both commands)."""
     amp: str = 'auto'                    # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | none
-    compile: bool = False
+    compile: bool = False                # torch.compile the model step: one graph, static shapes, compiled once
+    cuda_graphs: bool = False            # with --compile on CUDA: replay the compiled step as CUDA graphs
     device: str = 'auto'
     seed: int = 0
     resume: Optional[str] = None
@@ -60,6 +61,9 @@ def run_session(config) -> Iterator[DistributedProcess]:
     or ``overwrite``; a folder in use by another run is refused). Every rank raises when rank 0 refuses."""
     check_config(config)
     process = start_process(config)
+    if config.cuda_graphs and (not config.compile or process.device.type != 'cuda'):
+        raise ValueError(f'--cuda-graphs replays the compiled step on a GPU: it needs --compile and a CUDA device '
+                         f'(this run: {"--compile, " if config.compile else "no --compile, "}{process.device})')
     with ExitStack() as held:
         refusal = None
         if process.is_main:
@@ -139,13 +143,15 @@ def build_trainer(
     if config.resume:
         _resume_weights(model, config)
     lr, effective_batch = _learning_rate(config, process, lr_batch)
-    optimizer = build_optimizer(model, lr, config.weight_decay, tuple(config.betas), layer_decay=layer_decay)
+    optimizer = build_optimizer(model, lr, config.weight_decay, tuple(config.betas), layer_decay=layer_decay,
+                                fused=process.device.type == 'cuda')
     train_model = model
     if process.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[process.device.index] if process.device.type == 'cuda' else None)
-    if config.compile:
-        train_model = torch.compile(train_model)
+    if config.compile:  # the model step as one graph of static shapes (pre-training: static layouts)
+        train_model = torch.compile(train_model, fullgraph=True, dynamic=False,
+                                    mode='reduce-overhead' if config.cuda_graphs else None)
     loop = LoopConfig.of(config)
     epoch_steps = steps_per_epoch(dataset, loop, process)
     scheduler = build_scheduler(optimizer, config.epochs * epoch_steps, round(config.warmup_epochs * epoch_steps),
