@@ -115,10 +115,10 @@ class VisibleLayout:
     Attributes:
         stages: one per stage (also ``layout[s]``, ``len(layout)``, ``iter(layout)``).
         mask: bool, on the layout's device: the mask as given (``[Hm, Wm]`` or ``[B, Hm, Wm]``), or
-            ``[B, Hm, Wm]`` in a static layout.
+            ``[B, Hm, Wm]`` in a static layout (a batch-wise mask repeated).
         masked_units: long ``[m]`` or ``[B, m]`` (static: ``[B, m]``): raster indices of the masked units (the
             visible ones are the last stage's ``token_index``).
-        host_mask: the mask as given, bool on the CPU (host-side checks and pictures; not read in a step).
+        host_mask: ``mask`` on the CPU (host-side checks and pictures; not read in a step).
         batch_size: ``B``, the images the index maps address.
         static: built with ``static=True``.
         specs: the stage specs it was built for.
@@ -342,11 +342,11 @@ def build_visible_layout(
                 token_index, spec.grid_size, spec.conv_kernel, batch_size),
         ))
         prev_lookup = lookup
-    device_mask = host_mask.expand(batch_size, *host_mask.shape[-2:]) if static else host_mask
+    if static:
+        host_mask = host_mask.expand(batch_size, *host_mask.shape[-2:]).contiguous()
     return VisibleLayout(
-        stages=tuple(stages), mask=device_mask.contiguous().to(device),
-        masked_units=unit_indices(~device_mask).to(device), host_mask=host_mask, batch_size=batch_size,
-        static=static, specs=tuple(specs))
+        stages=tuple(stages), mask=host_mask.to(device), masked_units=unit_indices(~host_mask).to(device),
+        host_mask=host_mask, batch_size=batch_size, static=static, specs=tuple(specs))
 
 
 def _map_index_maps(layout: VisibleLayout, kind: type, fn) -> VisibleLayout:

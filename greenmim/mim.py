@@ -130,10 +130,11 @@ class _MIMBase(nn.Module):
                 mask = self.sample_mask(generator, images.shape[0])
             if not torch.compiler.is_compiling():
                 self.encoder.check_images(images)
-                self.encoder.check_mask(mask, images.shape[0])
-                if bool(mask.flatten(-2).all(-1).any()):
+                if (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+                        and tuple(mask.shape[-2:]) == self.grid_size and bool(mask.flatten(-2).all(-1).any())):
                     raise ValueError('mask has no masked unit (all True = visible): MIM needs at least one unit to '
                                      'reconstruct')
+                self.encoder.check_mask(mask, images.shape[0])
         return self.forward_masked(images, mask, layout)
 
     def forward_masked(self, images: torch.Tensor, mask: Optional[torch.Tensor], layout=None) -> MIMOutput:

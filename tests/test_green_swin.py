@@ -43,8 +43,8 @@ def test_dense_check_fails_for_attention_that_ignores_the_shift():
     mask = random_mask((7, 7), 0.75, torch.Generator().manual_seed(5))
     x = torch.randn(1, 3, 224, 224)
     layout = model.visible_layout(mask, 1)
-    unshifted = [dataclasses.replace(stage, attention={
-        key: stage.attention[(key[0], (0, 0))] for key in stage.attention}) for stage in layout]
+    unshifted = dataclasses.replace(layout, stages=tuple(dataclasses.replace(stage, attention={
+        key: stage.attention[(key[0], (0, 0))] for key in stage.attention}) for stage in layout))
     assert any(shift != (0, 0) for stage in layout for _, shift in stage.attention)
     with torch.no_grad():
         dense = dense_key_masked_stages(model, x, mask)

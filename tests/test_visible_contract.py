@@ -1,6 +1,7 @@
 """What every green family keeps (each family's own tests check forward_visible against its dense computation):
 timm's state dict, API, dense forward and features; an all-visible mask is the dense forward; masked pixels are
 ignored; bad inputs and mismatched layouts raise; forward_visible compiles as one graph."""
+import dataclasses
 import os
 
 import pytest
@@ -141,8 +142,10 @@ def test_layout_must_match_batch_mask_and_model(name):
             model.forward_visible(torch.randn(8, 3, 64, 64), mask, layout)
         with pytest.raises(ValueError, match='another mask'):
             model.forward_visible(x, ~mask, layout)
-        with pytest.raises(ValueError, match='stages'):
-            model.forward_visible(x, mask, layout[:3])
+        with pytest.raises(ValueError, match='3 stages, the model has 4'):
+            model.forward_visible(x, mask, dataclasses.replace(layout, stages=layout.stages[:3]))
+        with pytest.raises(ValueError, match='VisibleLayout'):
+            model.forward_visible(x, mask, list(layout))
 
 
 @pytest.mark.parametrize('name', sorted(SMALL))

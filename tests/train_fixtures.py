@@ -51,17 +51,17 @@ def ddp_worker(rank: int, world_size: int, port: int, config, out_dir: str) -> N
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from greenmim.mim import GreenMIM
     from greenmim.train import pretrain
+    from greenmim.train.data import MaskCollate
     masks = []
-    original = GreenMIM.sample_mask
+    original = MaskCollate.masks
 
-    def recording_sample_mask(self, generator=None, batch_size=None):
-        mask = original(self, generator, batch_size)
+    def recording_masks(self, batch_size, generator):
+        mask = original(self, batch_size, generator)
         masks.append(mask.clone())
         return mask
 
-    GreenMIM.sample_mask = recording_sample_mask
+    MaskCollate.masks = recording_masks
     from greenmim.train.engine import Trainer
     finish, weights = Trainer._finish, {}
 

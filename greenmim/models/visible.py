@@ -143,6 +143,8 @@ class VisibleEncoderMixin:
         if not isinstance(layout, VisibleLayout):
             raise ValueError(f'layout must be the VisibleLayout of model.visible_layout(...), got '
                              f'{type(layout).__name__}')
+        if len(layout.stages) != len(self.layout_specs):
+            raise ValueError(f'layout has {len(layout.stages)} stages, the model has {len(self.layout_specs)}')
         if layout.specs != self.layout_specs:
             raise ValueError(f'layout was built for another model: {_describe_specs(layout.specs)}; this model has '
                              f'{_describe_specs(self.layout_specs)}')
@@ -152,7 +154,8 @@ class VisibleEncoderMixin:
             raise ValueError(f'layout is on {layout.device}, the images on {x.device}')
         if mask is not None:
             check_mask(mask, self.mask_grid_size, x.shape[0])
-            if mask.shape != layout.host_mask.shape or not torch.equal(mask.detach().cpu(), layout.host_mask):
+            given = mask.detach().cpu().expand_as(layout.host_mask) if layout.static else mask.detach().cpu()
+            if given.shape != layout.host_mask.shape or not torch.equal(given, layout.host_mask):
                 raise ValueError('layout was built for another mask: pass the mask it was built from, or only the '
                                  'layout (it holds its mask)')
 

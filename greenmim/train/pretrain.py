@@ -174,6 +174,11 @@ def _pretrain(config: PretrainConfig, process) -> TrainSummary:
         description=f'pretrain {config.method} {config.model} @ {config.input_size}px on '
                     f'{config.data or "the embedded sample photos"} ({num_images} images, {dataset.num_ignored} '
                     'non-image files ignored)')
+    if process.is_main and config.resume and 'mask' in trainer.rng_after_step:
+        print(f'note: {config.resume} was written by a version that drew batch-wise masks in the training process; '
+              'from here on the data loader draws them, seeded by position, so the losses differ from those that '
+              'version would have logged (the weights, optimizer state and data position continue exactly)',
+              flush=True)
     summary = trainer.fit()
     if process.is_main:
         _print_summary(summary, Path(config.output_dir))
