@@ -45,7 +45,7 @@ class StepRunner:
     its optimizer, a pool of pre-built step inputs, and :meth:`step`."""
 
     def __init__(self, method: str, model: str, device: str, batch_size: int, amp: str, mode: str = 'eager',
-                 masks: int = 8, **model_kwargs):
+                 masks: int = 8, backend: str = 'inductor', **model_kwargs):
         torch.manual_seed(0)
         self.mim = getattr(greenmim, method)(model, **model_kwargs).to(device).train()
         self.device, self.amp, self.mode = torch.device(device), amp, mode
@@ -62,7 +62,7 @@ class StepRunner:
         self.calls = 0
         self.model = self.mim
         if mode != 'eager':
-            self.model = torch.compile(self.mim, fullgraph=True, dynamic=False,
+            self.model = torch.compile(self.mim, fullgraph=True, dynamic=False, backend=backend,
                                        mode='reduce-overhead' if mode == 'cuda-graphs' else None)
         self._graphs_before = _graphs()
 
@@ -178,12 +178,13 @@ def main(argv=None):
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--amp', choices=('none', 'bf16'), default='none', help='bf16 autocast of the forward')
     parser.add_argument('--modes', nargs='+', choices=MODES, default=['eager'])
+    parser.add_argument('--backend', default='inductor', help='torch.compile backend of the compiled modes')
     parser.add_argument('--interleave', action='store_true',
                         help='alternate SimMIM and GreenMIM steps (a shared CPU); no peak memory')
     parser.add_argument('--model-kwargs', default='{}', help='JSON timm kwargs for every model (e.g. small test sizes)')
     parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results', 'mim_step_cpu.json'))
     args = parser.parse_args(argv)
-    model_kwargs = json.loads(args.model_kwargs)
+    model_kwargs = dict(json.loads(args.model_kwargs), backend=args.backend)
     rows = []
     methods = ('SimMIM', 'GreenMIM')
     for model in args.models:

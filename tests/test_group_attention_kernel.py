@@ -30,11 +30,12 @@ TOLERANCES = {  # (atol, rtol) of kernel vs float64 reference, for outputs and g
 pytestmark = pytest.mark.usefixtures('triton_mode')  # tests/conftest.py: interpreter on the CPU, or CUDA
 
 
-def _layout(grid, window, shift, batch=1, ratio=0.5, seed=0, group_size=None, channels=32, device='cpu'):
+def _layout(grid, window, shift, batch=1, ratio=0.5, seed=0, group_size=None, channels=32, device='cpu',
+            static=False):
     """Attention layout of one stage from a random mask of 2x2-token units (``build_visible_layout``)."""
     mask = random_mask((grid[0] // 2, grid[1] // 2), ratio, torch.Generator().manual_seed(seed))
     spec = StageSpec(grid_size=grid, channels=channels, windows=((window, shift),), merges_previous_stage=False)
-    stage = build_visible_layout(mask, [spec], batch, device, group_size)[0]
+    stage = build_visible_layout(mask, [spec], batch, device, group_size, static)[0]
     return stage.attention[(window, shift)], batch * stage.num_tokens
 
 
@@ -130,6 +131,15 @@ def test_scrambled_slots_single_token_segments_and_padded_group():
     scrambled = _scramble(layout)
     assert (scrambled.index[-1] == -1).all() and (scrambled.index[:-1] == -1).any()
     _check_against_reference(scrambled, num_tokens, heads=3, head_dim=16, dtype=torch.float32, seed=3)
+
+
+@pytest.mark.parametrize('window, shift', [((4, 4), (2, 2)), ((14, 14), (7, 7))])
+def test_static_layout_with_spare_groups_matches_reference(window, shift):
+    """A static layout's capacity past its packing is all-padding groups, which every kernel skips."""
+    grid = (2 * window[0], 2 * window[1]) if window[0] < 14 else window
+    layout, num_tokens = _layout(grid, window, shift, batch=2, static=True)
+    assert (layout.index < 0).all(1).any()
+    _check_against_reference(layout, num_tokens, heads=2, head_dim=16, dtype=torch.float32, seed=7)
 
 
 def test_non_contiguous_qkv_and_dispatch():
@@ -249,19 +259,20 @@ def test_benchmark_smoke(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------- GPU
-def _swin_base_layouts(batch, window):
+def _swin_base_layouts(batch, window, static=False):
     model_specs = timm.create_model('green_swin_base', window_size=window, pretrained=False).stage_specs()
     mask = random_mask((7, 7), 0.75, torch.Generator().manual_seed(0))
-    stages = build_visible_layout(mask, model_specs, batch, 'cuda')
+    stages = build_visible_layout(mask, model_specs, batch, 'cuda', static=static)
     return [(stage, spec) for stage, spec in zip(stages, model_specs)]
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize('static', [False, True])
 @pytest.mark.parametrize('window', [7, 14])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16, torch.float32])
-def test_gpu_swin_base_shapes_match_reference(window, dtype):
+def test_gpu_swin_base_shapes_match_reference(window, dtype, static):
     heads = (4, 8, 16, 32)
-    for (stage, spec), h in zip(_swin_base_layouts(32, window), heads):
+    for (stage, spec), h in zip(_swin_base_layouts(32, window, static), heads):
         for layout in stage.attention.values():
             _check_against_reference(layout, 32 * stage.num_tokens, h, 32, dtype, device='cuda')
 
