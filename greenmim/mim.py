@@ -214,6 +214,9 @@ class GreenMIM(_MIMBase):
         """Encoder on the visible tokens -> decoder on every unit -> loss on the masked units, laid out by
         ``layout`` (the encoder's :meth:`visible_layout` of ``mask``; built here if not given)."""
         if layout is None:
+            if torch.compiler.is_compiling():
+                raise ValueError('under torch.compile, pass layout=model.encoder.visible_layout(mask, batch_size, '
+                                 'static=True)')
             layout, mask = self.encoder.visible_layout(mask, images.shape[0], images.device, self.group_size), None
         if layout.masked_units.shape[-1] == 0:  # a static shape: free under torch.compile
             raise ValueError('mask has no masked unit (all True = visible): MIM needs at least one unit to '

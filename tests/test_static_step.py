@@ -12,6 +12,7 @@ import torch
 import greenmim
 from greenmim.layout import StageSpec, VisibleLayout, build_visible_layout, group_capacity
 from greenmim.masking import random_mask
+from greenmim.train import pretrain
 from dense_reference import rel_err
 from train_fixtures import copy_photos, tiny_pretrain_config
 
@@ -202,14 +203,14 @@ def test_a_compiled_step_needs_a_layout():
 def test_pretrain_compile_trains_once_compiled_and_resumes_bitwise(tmp_path, mask_mode, capsys):
     photos = copy_photos(tmp_path / 'photos', 8)
     config = dict(data=str(photos), epochs=2, compile=True, mask_mode=mask_mode)
-    full = greenmim.train.pretrain(tiny_pretrain_config(tmp_path / 'full', **config))
+    full = pretrain(tiny_pretrain_config(tmp_path / 'full', **config))
     assert full.graphs_compiled == 1 and 'torch.compile: compiled once' in capsys.readouterr().out
     records = [json.loads(line) for line in (tmp_path / 'full' / 'log.jsonl').read_text().splitlines()]
     assert {'type': 'compile', 'graphs': 1, 'steps': full.steps} in records
     out = tmp_path / 'run'
-    first = greenmim.train.pretrain(tiny_pretrain_config(out, max_steps=3, **config))
-    resumed = greenmim.train.pretrain(tiny_pretrain_config(out, resume=str(out), **config))
+    first = pretrain(tiny_pretrain_config(out, max_steps=3, **config))
+    resumed = pretrain(tiny_pretrain_config(out, resume=str(out), **config))
     assert first.losses + resumed.losses == full.losses  # bitwise
-    eager = greenmim.train.pretrain(tiny_pretrain_config(tmp_path / 'eager', **dict(config, compile=False)))
+    eager = pretrain(tiny_pretrain_config(tmp_path / 'eager', **dict(config, compile=False)))
     assert eager.graphs_compiled is None
     assert eager.losses == pytest.approx(full.losses, rel=1e-4)  # exact vs static layouts: float rounding only
