@@ -25,6 +25,7 @@ from greenmim.checkpoint import (
     DECODER_FILE, WEIGHTS_FILE, is_mim_state_dict, read_checkpoint, sha256_file, split_mim_state_dict,
     verify_state_dict, weights_metadata)
 
+from greenmim.train.config import add_model_kwargs_argument
 from greenmim.train.validation import check_model_name
 
 from .card import render_model_card
@@ -132,8 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model', required=True, help='e.g. green_swin_base')
     parser.add_argument('--tag', required=True, help='e.g. mim_in1k or mim_in1k_ft_in1k')
     parser.add_argument('--out', type=Path, required=True, help='repository folder to write (empty or new)')
-    parser.add_argument('--model-kwargs', type=json.loads, default={},
-                        help='JSON kwargs for timm.create_model (default: the manifest entry\'s)')
+    add_model_kwargs_argument(parser, 'extra timm kwargs, e.g. window_size=14 (none: the manifest entry\'s)')
     parser.add_argument('--repo-id', help='full hub id (default: the manifest entry\'s)')
     parser.add_argument('--license', help='licence id (default: the manifest entry\'s)')
     parser.add_argument('--source-checkpoint', help='what the weights came from, for the manifest (default: path)')
@@ -142,7 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--notes', help='notes for the manifest entry')
     parser.add_argument('--decoder-heads', type=int, default=16, help='GreenMIM decoder heads (not in the weights)')
     parser.add_argument('--dry-run', action='store_true', help='write the folder only, upload nothing')
-    parser.add_argument('--private', action='store_true')
+    parser.add_argument('--private', action='store_true', help='create the Hub repository private')
     parser.add_argument('--revision', help='branch to upload to (default: main)')
     parser.add_argument('--manifest', type=Path, help='manifest to record the release in after the upload')
 

@@ -71,6 +71,7 @@ class TrainSummary:
     best_checkpoint: Optional[str] = None
     interrupted: bool = False
     wall_time_s: float = 0.0
+    stop_metrics: Dict[str, Any] = field(default_factory=dict)  # on_epoch_end's at a --max-steps stop mid-epoch
 
 
 @dataclass
@@ -188,7 +189,7 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.summary = TrainSummary(str(self.output_dir), self.step, self.epoch)
         self._start_time = self._last_step_time = time.time()
-        self._bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.process.is_main, unit='step',
+        self._bar = tqdm(total=min(self.total_steps, self.loop.max_steps or self.total_steps), initial=self.step, disable=not self.process.is_main, unit='step',
                          dynamic_ncols=True, desc='train')
         with self._bar, _stop_on_sigint() as stop:  # the bar is closed (its line ended) also when the run fails
             while self.epoch < self.loop.epochs:
@@ -215,8 +216,19 @@ class Trainer:
                 self.summary.interrupted = stop.requested
                 self._require_trained('this run', len(self.summary.losses))
                 self.summary.last_checkpoint = self._save()
+                if not stop.requested:
+                    self._evaluate_at_stop()
                 return False
         return True
+
+    def _evaluate_at_stop(self) -> None:
+        """At ``max_steps`` inside an epoch: ``on_epoch_end`` as at an epoch's end (evaluation, reconstructions),
+        logged as a ``stop`` record; the position stays inside the epoch, so a resumed run continues it."""
+        metrics = self.on_epoch_end(self.epoch) if self.on_epoch_end is not None else {}
+        self.summary.stop_metrics = metrics
+        self._log({'type': 'stop', 'step': self.step, 'epoch': self.epoch, **metrics})
+        if self.process.is_main and metrics:
+            self._bar.write(' '.join(f'{k}={v:.4f}' for k, v in metrics.items()))
 
     def _micro_step(self, batch: Batch, totals: StepTotals, stop: StopRequest) -> None:
         """Forward and backward of one micro-batch, its loss added to ``totals``; a micro-batch that is empty on

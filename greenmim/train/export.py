@@ -63,7 +63,7 @@ def export(checkpoint, output_dir, model: Optional[str] = None, verify: bool = T
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('checkpoint', help='run folder, checkpoint folder or .safetensors file')
-    parser.add_argument('--output-dir', '-o', default='export', help='where to write model.safetensors (default: export)')
+    parser.add_argument('--output-dir', '-o', default='export', help='where to write model.safetensors')
     parser.add_argument('--model', default=None, help='architecture (default: from the checkpoint metadata)')
     parser.add_argument('--no-verify', dest='verify', action='store_false',
                         help='skip loading the exported weights into the timm model')

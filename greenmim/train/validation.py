@@ -54,7 +54,7 @@ _FRACTION = Bound(0, 1, high_open=True)
 BOUNDS = {
     'batch_size': _POSITIVE_INT, 'accum_iter': _POSITIVE_INT, 'epochs': _POSITIVE_INT,
     'save_every': _POSITIVE_INT, 'log_every': _POSITIVE_INT, 'keep_last': _POSITIVE_INT,
-    'input_size': _POSITIVE_INT, 'decoder_dim': _POSITIVE_INT, 'decoder_depth': _POSITIVE_INT,
+    'input_size': Bound(1, integer=True, optional=True), 'decoder_dim': _POSITIVE_INT, 'decoder_depth': _POSITIVE_INT,
     'vis_images': _POSITIVE_INT, 'min_image_size': _POSITIVE_INT,
     'max_steps': Bound(1, integer=True, optional=True), 'epoch_size': Bound(1, integer=True, optional=True),
     'num_classes': Bound(2, integer=True, optional=True),
@@ -87,6 +87,10 @@ def check_config(config) -> None:
             raise ValueError(f'{flag_name(field)} must{each} be {bound.describe()}, got {value!r}')
     if 'img_size' in getattr(config, 'model_kwargs', {}):
         raise ValueError('set the image size with --input-size, not --model-kwargs img_size=...')
+    if config.warmup_epochs >= config.epochs:
+        raise ValueError(f'--warmup-epochs {config.warmup_epochs:g} is not shorter than --epochs {config.epochs}: the '
+                         'lr would rise for the whole run and never decay; pass a smaller --warmup-epochs (e.g. '
+                         f'{config.epochs / 10:g})')
     check_model_name(config.model)
     if config.resume is not None:
         training_state_file(config.resume)  # the checkpoint and its training state exist
