@@ -27,13 +27,13 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-import safetensors.torch
 import timm
 import torch
 from torch import nn
 
 from greenmim.checkpoint import (
-    check_not_resampled, is_mim_state_dict, read_checkpoint, split_mim_state_dict, verify_state_dict, weights_metadata)
+    check_not_resampled, is_mim_state_dict, read_checkpoint, save_weights, split_mim_state_dict, verify_state_dict,
+    weights_metadata)
 from greenmim.mim import GreenMIM, SimMIM
 from greenmim.models.family import family_of
 from greenmim.train.config import add_model_kwargs_argument
@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
                                 wrapper=target if is_mim else None, merge_order=args.merge_order,
                                 source=args.checkpoint.name)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in converted.items()}, args.output, metadata=metadata)
+    save_weights(converted, args.output, metadata)
     print(f'{args.checkpoint} -> {args.output}: {len(converted)} tensors verified against '
           f'{type(target).__name__}({args.model})')
     for note in notes:

@@ -16,14 +16,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import safetensors.torch
 import timm
 from huggingface_hub import HfApi
 from timm.models import save_for_hf
 
 from greenmim.checkpoint import (
-    DECODER_FILE, WEIGHTS_FILE, is_mim_state_dict, read_checkpoint, sha256_file, split_mim_state_dict,
-    verify_state_dict, weights_metadata)
+    DECODER_FILE, WEIGHTS_FILE, follow_umask, is_mim_state_dict, read_checkpoint, save_weights, sha256_file,
+    split_mim_state_dict, verify_state_dict, weights_metadata)
 
 from greenmim.train.config import add_model_kwargs_argument
 from greenmim.train.validation import check_model_name
@@ -100,10 +99,10 @@ def build_repo_folder(
     notes = tuple(f'{step}: {how}' for step, how in release.recipe.items())
     save_for_hf(model, out, safe_serialization=True, model_config={
         'pretrained_cfg': {'license': release.license, 'notes': notes}})
+    follow_umask(out / WEIGHTS_FILE)
     files = {'sha256': sha256_file(out / WEIGHTS_FILE)}
     if decoder:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in decoder.items()}, out / DECODER_FILE,
-                                    metadata=decoder_meta)
+        save_weights(decoder, out / DECODER_FILE, decoder_meta)
         files['decoder_sha256'] = sha256_file(out / DECODER_FILE)
     release = dataclasses.replace(release, status=status, **files)
     (out / 'README.md').write_text(render_model_card(release, model, DECODER_FILE if decoder else None))

@@ -176,10 +176,15 @@ def no_weights_message(name: str) -> str:
 
 def require_weights_source(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> None:
     """Before timm builds ``variant`` with ``pretrained=True``: ``RuntimeError`` (:func:`no_weights_message`) when
-    the resolved cfg (tag and ``pretrained_cfg_overlay`` from ``kwargs``) names no weights source."""
+    the resolved cfg (tag and ``pretrained_cfg_overlay`` from ``kwargs``) names no weights source; for weights on
+    the Hub, :func:`greenmim.offline.hub_reachable` (offline at once, from the HF cache, when it does not answer)."""
     if not pretrained:
         return
     from timm.models import resolve_pretrained_cfg
+
+    from greenmim.offline import hub_reachable
     cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
     if not (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict):
         raise RuntimeError(no_weights_message(f'{cfg.architecture or variant}.{cfg.tag}'))
+    if cfg.hf_hub_id and not cfg.file and cfg.source != 'local-dir':
+        hub_reachable(cfg.hf_hub_id)

@@ -95,7 +95,8 @@ COMMON_HELP = {
     'min_image_size': 'images with a smaller side are skipped (and counted)',
     'num_workers': 'DataLoader worker processes',
     'epochs': 'epochs of the lr schedule',
-    'warmup_epochs': 'linear lr warmup, in epochs (may be fractional); must be shorter than the run',
+    'warmup_epochs': 'linear lr warmup, in epochs (may be fractional); one not shorter than --epochs becomes a '
+                     'tenth of the run, with a warning',
     'batch_size': 'images per device and micro-batch',
     'accum_iter': 'micro-batches per optimizer step',
     'lr': 'absolute learning rate; overrides --blr',

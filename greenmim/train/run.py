@@ -227,11 +227,18 @@ def build_trainer(
         train_model = torch.compile(train_model)
     loop = LoopConfig.of(config)
     epoch_steps = steps_per_epoch(dataset, loop, process)
-    warmup_steps = round(config.warmup_epochs * epoch_steps)
+    warmup_epochs = config.warmup_epochs
+    if warmup_epochs >= config.epochs:
+        warmup_epochs = config.epochs / 10
+        if process.is_main:
+            print(f'warning: --warmup-epochs {config.warmup_epochs:g} is not shorter than --epochs {config.epochs}, '
+                  f'so the lr would never leave the warm-up: warming up over {warmup_epochs:g} epochs (a tenth of '
+                  'the run) instead', flush=True)
+    warmup_steps = round(warmup_epochs * epoch_steps)
     scheduler = build_scheduler(optimizer, config.epochs * epoch_steps, warmup_steps, config.min_lr)
     if process.is_main and config.max_steps is not None and config.max_steps <= warmup_steps:
         print(f'warning: --max-steps {config.max_steps} stops inside the lr warm-up ({warmup_steps} steps of '
-              f'--warmup-epochs {config.warmup_epochs:g}): the lr never reaches {lr:.3g}; the schedule is that of '
+              f'--warmup-epochs {warmup_epochs:g}): the lr never reaches {lr:.3g}; the schedule is that of '
               f'--epochs {config.epochs}, so lower --epochs and --warmup-epochs for a short run', flush=True)
     trainer = Trainer(model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
                       dataset=dataset, loss_fn=loss_fn, loop=loop, process=process, output_dir=config.output_dir,

@@ -87,10 +87,6 @@ def check_config(config) -> None:
             raise ValueError(f'{flag_name(field)} must{each} be {bound.describe()}, got {value!r}')
     if 'img_size' in getattr(config, 'model_kwargs', {}):
         raise ValueError('set the image size with --input-size, not --model-kwargs img_size=...')
-    if config.warmup_epochs >= config.epochs:
-        raise ValueError(f'--warmup-epochs {config.warmup_epochs:g} is not shorter than --epochs {config.epochs}: the '
-                         'lr would rise for the whole run and never decay; pass a smaller --warmup-epochs (e.g. '
-                         f'{config.epochs / 10:g})')
     check_model_name(config.model)
     if config.resume is not None:
         training_state_file(config.resume)  # the checkpoint and its training state exist
