@@ -84,10 +84,10 @@ def measure(method: str, model: str, batch_size: int, steps: int, warmup: int, d
 
 
 def measure_interleaved(methods, model: str, batch_size: int, steps: int, warmup: int, device: str,
-                        amp: str) -> dict:
+                        amp: str, **model_kwargs) -> dict:
     """Both methods in one process, their steps alternating, so that load from other jobs on a shared machine
     falls on both alike (no peak memory: both models are resident)."""
-    runs = {m: _build(m, model, device) for m in methods}
+    runs = {m: _build(m, model, device, **model_kwargs) for m in methods}
     images = _images(runs[methods[0]][0], batch_size, device)
     flops = {m: _flops(mim, images) for m, (mim, _) in runs.items()}
     gens = {m: torch.Generator().manual_seed(0) for m in methods}

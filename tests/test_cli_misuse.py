@@ -206,7 +206,8 @@ CASES = [  # (id, argv from ctx, what the error line says)
      r"argument --model-kwargs: '\{\"a\": 1\}' is not KEY=VALUE"),
     ('pretrain model kwarg not KEY=VALUE', pretrain_with('--model-kwargs', 'window_size'),
      r"argument --model-kwargs: 'window_size' is not KEY=VALUE"),
-    ('amp choice', pretrain_with('--amp', 'fp32'), r"argument --amp: invalid choice: 'fp32' \(choose from '?auto'?, '?bf16"),
+    ('amp choice', pretrain_with('--amp', 'fp32'),
+     r"argument --amp: invalid choice: 'fp32' \(choose from '?auto'?, '?bf16"),
     ('convert missing file', lambda ctx: ['convert', ctx.root / 'missing.pth', ctx.out / 'c.safetensors', '--model',
                                           'green_swin_tiny'], r'missing.pth does not exist'),
 ]

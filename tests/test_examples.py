@@ -140,15 +140,26 @@ def test_convert_official(tiny_run, tmp_path):
 
 
 def test_speed(tmp_path):
-    summary, figures = execute('speed', dict(models=['green_swin_tiny'], model_kwargs=TINY, batch_size=2, steps=1,
+    summary, figures = execute('speed', dict(models=['green_swin_tiny'], model_kwargs=TINY, batch_size=2, steps=3,
                                              warmup=0), tmp_path)
-    assert len(figures) == 1
+    assert len(figures) == 1 and summary['interleave'] is True and summary['steps'] == 3  # a CPU: interleaved
     assert [r['method'] for r in summary['results']] == ['SimMIM', 'GreenMIM']
     simmim, green = summary['results']
-    assert all(r['step_s'] > 0 and r['images_per_s'] == pytest.approx(2 / r['step_s']) for r in summary['results'])
+    for r in summary['results']:
+        assert r['step_q25_s'] <= r['step_s'] <= r['step_q75_s'] and r['images_per_s'] == pytest.approx(2 / r['step_s'])
     assert green['tflops_per_step'] > 0 and simmim['tflops_per_step'] > 0  # (this tiny encoder is cheaper than
     # GreenMIM's 512-wide decoder, so only real model sizes show GreenMIM's smaller count)
-    assert summary['speedup']['green_swin_tiny'] == pytest.approx(simmim['step_s'] / green['step_s'])
+    flops_ratio = green['tflops_per_step'] / simmim['tflops_per_step']
+    assert summary['flops_ratio']['green_swin_tiny'] == pytest.approx(flops_ratio)
+    low, high = summary['speedup_spread']['green_swin_tiny']
+    assert low <= summary['speedup']['green_swin_tiny'] <= high
+    assert summary['noisy']['green_swin_tiny'] == (high - low > 0.25 * summary['speedup']['green_swin_tiny'])
+
+
+def test_examples_extra_has_what_examples_readme_recommends():
+    import tomllib
+    extra = tomllib.loads((EXAMPLES.parent / 'pyproject.toml').read_text())['project']['optional-dependencies']
+    assert {'papermill', 'ipywidgets', 'gdown'} <= {re.split(r'[<>=]', d)[0] for d in extra['examples']}
 
 
 def first_cell_error(name, params, cwd):
@@ -168,11 +179,11 @@ def test_notebook_defaults_offline_fail_in_the_first_cell_saying_what_to_set(tin
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
     expected = {
         'convert_official': (r"weights/greenmim_swin_base_win7.pth is not there and Google Drive does not answer "
-                             r"\(.*\): download https://drive.google.com/file/d/1vCt7QN3rNC7hmWlWYomqfhjUqN-PvR7a/view by "
-                             r"hand and set checkpoint to the file$", {}),
+                             r"\(.*\): download https://drive.google.com/file/d/1vCt7QN3rNC7hmWlWYomqfhjUqN-PvR7a/view "
+                             r"by hand and set checkpoint to the file$", {}),
         'reconstruct': (r"weights 'weights/greenmim_swin_base_win7/model.safetensors': no such file or folder. Set "
-                        r"weights to a greenmim pretrain run folder, .*, a local-dir:/path folder or a Hub id org/name$",
-                        {}),
+                        r"weights to a greenmim pretrain run folder, .*, a local-dir:/path folder or a Hub id "
+                        r"org/name$", {}),
         'finetune': (r"^weights 'weights/greenmim_swin_base_win7/model.safetensors': no such file or folder", {}),
     }
     for name, (message, params) in expected.items():

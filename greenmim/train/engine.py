@@ -189,7 +189,8 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.summary = TrainSummary(str(self.output_dir), self.step, self.epoch)
         self._start_time = self._last_step_time = time.time()
-        self._bar = tqdm(total=min(self.total_steps, self.loop.max_steps or self.total_steps), initial=self.step, disable=not self.process.is_main, unit='step',
+        total = min(self.total_steps, self.loop.max_steps or self.total_steps)
+        self._bar = tqdm(total=total, initial=self.step, disable=not self.process.is_main, unit='step',
                          dynamic_ncols=True, desc='train')
         with self._bar, _stop_on_sigint() as stop:  # the bar is closed (its line ended) also when the run fails
             while self.epoch < self.loop.epochs:

@@ -55,8 +55,8 @@ def export(checkpoint, output_dir, model: Optional[str] = None, verify: bool = T
     save_weights(encoder, paths['model'], weights_metadata(kind, name, model_kwargs, source=str(source)))
     if decoder:
         paths['decoder'] = out / DECODER_FILE
-        save_weights(decoder, paths['decoder'], dict(weights_metadata('decoder', name, model_kwargs, source=str(source)),
-                                                     **wrapper_metadata(metadata)))
+        decoder_meta = weights_metadata('decoder', name, model_kwargs, source=str(source))
+        save_weights(decoder, paths['decoder'], dict(decoder_meta, **wrapper_metadata(metadata)))
     return paths
 
 
