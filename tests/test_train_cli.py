@@ -1,6 +1,7 @@
 """The ``greenmim`` command: lazy subcommands, help, and errors confined to one subcommand."""
 import argparse
 import importlib
+import os
 import subprocess
 import sys
 
@@ -100,3 +101,16 @@ def test_models_lists_every_tag_with_its_weights_status(capsys):
                for r in rows)
     assert cli.main(['models', 'resnet*']) == 2
     assert 'greenmim models: error: no green model matches' in capsys.readouterr().err
+
+
+def test_hub_data_without_an_answering_endpoint_fails_fast_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
+    env.update(HF_HOME=str(tmp_path / 'hf'), HF_ENDPOINT='http://127.0.0.1:9')  # refused at once, HF_HUB_OFFLINE unset
+    proc = subprocess.run([sys.executable, '-m', 'greenmim_cli', 'pretrain', '--data', 'org/name', '--epochs', '2',
+                           '--output-dir', str(tmp_path / 'run')], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 2, proc.stderr[-3000:]
+    assert lines[0].startswith('offline: no answer from http://127.0.0.1:9 within 3 s') and 'org/name' in lines[0]
+    assert lines[1].startswith("greenmim pretrain: error: could not load data source 'org/name'"), lines[1]
+    assert [p.name for p in (tmp_path / 'run').iterdir()] == ['.greenmim.lock']  # nothing else written
