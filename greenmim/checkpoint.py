@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import pickle
 import re
 from pathlib import Path
@@ -40,6 +41,7 @@ __all__ = [
     'WEIGHTS_FILE', 'DECODER_FILE', 'FORMAT', 'KINDS', 'weights_metadata', 'wrapper_metadata', 'is_mim_state_dict',
     'split_mim_state_dict', 'read_checkpoint', 'check_written_for', 'verify_state_dict', 'load_verified',
     'sha256_file', 'load_torch_file', 'read_model_config', 'check_not_resampled', 'HUB_CONFIG_FILE',
+    'save_weights', 'follow_umask',
 ]
 
 WEIGHTS_FILE = 'model.safetensors'
@@ -243,3 +245,18 @@ def sha256_file(path: Union[str, Path]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def follow_umask(path: Union[str, Path]) -> None:
+    """Give ``path`` the mode a new file gets under the process umask (``safetensors`` writes files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def save_weights(tensors: Mapping[str, torch.Tensor], path: Union[str, Path],
+                 metadata: Optional[Mapping[str, str]] = None) -> None:
+    """``safetensors.torch.save_file`` of contiguous CPU copies of ``tensors``, with the umask's file mode."""
+    safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
+                                metadata=dict(metadata) if metadata is not None else None)
+    follow_umask(path)

@@ -22,21 +22,21 @@ docs/hub.md for how to tell).
     python -m greenmim.hub.convert greenmim_swin_base.pth out.safetensors --model green_swin_base
 """
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-import safetensors.torch
 import timm
 import torch
 from torch import nn
 
 from greenmim.checkpoint import (
-    check_not_resampled, is_mim_state_dict, read_checkpoint, split_mim_state_dict, verify_state_dict, weights_metadata)
+    check_not_resampled, is_mim_state_dict, read_checkpoint, save_weights, split_mim_state_dict, verify_state_dict,
+    weights_metadata)
 from greenmim.mim import GreenMIM, SimMIM
 from greenmim.models.family import family_of
+from greenmim.train.config import add_model_kwargs_argument
 from greenmim.train.validation import check_model_name
 
 __all__ = ['KINDS', 'MERGE_ORDERS', 'AUTHORS_CODE', 'ZERO_PREDICTION', 'detect_kind', 'swap_merge_order', 'build_target', 'convert_state_dict',
@@ -206,9 +206,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('checkpoint', type=Path, help="the authors' checkpoint (.pth / .safetensors)")
     parser.add_argument('output', type=Path, help='converted .safetensors file')
     parser.add_argument('--model', required=True, help='target timm model, e.g. green_swin_base')
-    parser.add_argument('--model-kwargs', type=json.loads, default={},
-                        help='JSON kwargs for the target model, e.g. \'{"window_size": 14}\'')
-    parser.add_argument('--kind', choices=('auto',) + KINDS, default='auto')
+    add_model_kwargs_argument(parser, 'extra timm kwargs for the target model, e.g. window_size=14')
+    parser.add_argument('--kind', choices=('auto',) + KINDS, default='auto',
+                        help='what the checkpoint holds (auto: from its keys)')
     parser.add_argument('--merge-order', choices=MERGE_ORDERS, default='swin',
                         help="the checkpoint's patch-merging concatenation: " + '; '.join(
                             f'{order}: {code}' for order, code in AUTHORS_CODE.items()) + ' (see docs/hub.md)')
@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
                                 wrapper=target if is_mim else None, merge_order=args.merge_order,
                                 source=args.checkpoint.name)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in converted.items()}, args.output, metadata=metadata)
+    save_weights(converted, args.output, metadata)
     print(f'{args.checkpoint} -> {args.output}: {len(converted)} tensors verified against '
           f'{type(target).__name__}({args.model})')
     for note in notes:

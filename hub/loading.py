@@ -19,9 +19,10 @@ from torch import nn
 from greenmim.checkpoint import (
     DECODER_FILE, WEIGHTS_FILE, check_not_resampled, read_checkpoint, read_model_config, sha256_file, verify_state_dict)
 from greenmim.mim import mim_from_metadata
+from greenmim.offline import hub_reachable
 
 from greenmim.models.family import family_of
-from greenmim.models.manifest import load_manifest
+from greenmim.models.manifest import load_manifest, no_weights_message
 
 __all__ = ['load_pretrained', 'load_mim_pretrained', 'resolve_weights']
 
@@ -46,6 +47,7 @@ def _hub_file(hub_id: str, filename: str) -> Path:
     """``hf_hub_download`` of ``org/name[@revision]`` (HF cache, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``) with errors
     that name the problem."""
     repo_id, _, revision = hub_id.partition('@')
+    hub_reachable(f'{hub_id}/{filename}')
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision or None, library_name='timm',
                                     library_version=timm.__version__))
@@ -55,15 +57,6 @@ def _hub_file(hub_id: str, filename: str) -> Path:
 
 def _release_name(pretrained_cfg: Dict[str, Any]) -> str:
     return f'{pretrained_cfg.get("architecture")}.{pretrained_cfg.get("tag")}'
-
-
-def _not_published(pretrained_cfg: Dict[str, Any]) -> str:
-    name = _release_name(pretrained_cfg)
-    release = load_manifest().get(name)
-    if release is None or release.published:
-        return f'{name} has no pretrained weights source'
-    return (f'{name}: weights not published yet (planned at {release.hub_id}; see docs/hub.md). '
-            'Load your own file with pretrained_cfg_overlay=dict(file=...), or use pretrained=False')
 
 
 def resolve_weights(pretrained_cfg: Dict[str, Any], filename: str = WEIGHTS_FILE) -> Path:
@@ -89,7 +82,7 @@ def resolve_weights(pretrained_cfg: Dict[str, Any], filename: str = WEIGHTS_FILE
         if filename == WEIGHTS_FILE:
             filename = pretrained_cfg.get('hf_hub_filename') or filename
         return _hub_file(pretrained_cfg['hf_hub_id'], filename)
-    raise ValueError(_not_published(pretrained_cfg))
+    raise ValueError(no_weights_message(_release_name(pretrained_cfg)))
 
 
 def _overlay(pretrained_cfg_overlay: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
@@ -144,6 +137,8 @@ def load_pretrained(
     """
     if model_name.startswith(_LOCAL_DIR):
         read_model_config(model_name[len(_LOCAL_DIR):])  # a broken config.json: a ValueError naming it
+    if model_name.startswith('hf-hub:'):
+        hub_reachable(model_name)
     try:
         model = timm.create_model(
             model_name, pretrained=False, pretrained_cfg_overlay=_overlay(pretrained_cfg_overlay), **kwargs)

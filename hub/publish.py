@@ -16,15 +16,15 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import safetensors.torch
 import timm
 from huggingface_hub import HfApi
 from timm.models import save_for_hf
 
 from greenmim.checkpoint import (
-    DECODER_FILE, WEIGHTS_FILE, is_mim_state_dict, read_checkpoint, sha256_file, split_mim_state_dict,
-    verify_state_dict, weights_metadata)
+    DECODER_FILE, WEIGHTS_FILE, follow_umask, is_mim_state_dict, read_checkpoint, save_weights, sha256_file,
+    split_mim_state_dict, verify_state_dict, weights_metadata)
 
+from greenmim.train.config import add_model_kwargs_argument
 from greenmim.train.validation import check_model_name
 
 from .card import render_model_card
@@ -99,10 +99,10 @@ def build_repo_folder(
     notes = tuple(f'{step}: {how}' for step, how in release.recipe.items())
     save_for_hf(model, out, safe_serialization=True, model_config={
         'pretrained_cfg': {'license': release.license, 'notes': notes}})
+    follow_umask(out / WEIGHTS_FILE)
     files = {'sha256': sha256_file(out / WEIGHTS_FILE)}
     if decoder:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in decoder.items()}, out / DECODER_FILE,
-                                    metadata=decoder_meta)
+        save_weights(decoder, out / DECODER_FILE, decoder_meta)
         files['decoder_sha256'] = sha256_file(out / DECODER_FILE)
     release = dataclasses.replace(release, status=status, **files)
     (out / 'README.md').write_text(render_model_card(release, model, DECODER_FILE if decoder else None))
@@ -132,8 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model', required=True, help='e.g. green_swin_base')
     parser.add_argument('--tag', required=True, help='e.g. mim_in1k or mim_in1k_ft_in1k')
     parser.add_argument('--out', type=Path, required=True, help='repository folder to write (empty or new)')
-    parser.add_argument('--model-kwargs', type=json.loads, default={},
-                        help='JSON kwargs for timm.create_model (default: the manifest entry\'s)')
+    add_model_kwargs_argument(parser, 'extra timm kwargs, e.g. window_size=14 (none: the manifest entry\'s)')
     parser.add_argument('--repo-id', help='full hub id (default: the manifest entry\'s)')
     parser.add_argument('--license', help='licence id (default: the manifest entry\'s)')
     parser.add_argument('--source-checkpoint', help='what the weights came from, for the manifest (default: path)')
@@ -142,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--notes', help='notes for the manifest entry')
     parser.add_argument('--decoder-heads', type=int, default=16, help='GreenMIM decoder heads (not in the weights)')
     parser.add_argument('--dry-run', action='store_true', help='write the folder only, upload nothing')
-    parser.add_argument('--private', action='store_true')
+    parser.add_argument('--private', action='store_true', help='create the Hub repository private')
     parser.add_argument('--revision', help='branch to upload to (default: main)')
     parser.add_argument('--manifest', type=Path, help='manifest to record the release in after the upload')
 

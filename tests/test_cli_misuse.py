@@ -155,7 +155,7 @@ CASES = [  # (id, argv from ctx, what the error line says)
     ('input-size vs window', pretrain_with('--input-size', 96), r'stage grid \(3, 3\) is not divisible by window'),
     ('img_size kwarg', pretrain_with('--model-kwargs', 'img_size=64'), r'set the image size with --input-size'),
     ('batch-size abc', pretrain_with('--batch-size', 'abc'), r"argument --batch-size: invalid int value: 'abc'"),
-    ('method', pretrain_with('--method', 'mae'), r"--method must be one of \['greenmim', 'simmim'\]"),
+    ('method', pretrain_with('--method', 'mae'), r"argument --method: invalid choice: 'mae'"),
     ('unknown model', pretrain_with('--model', 'green_swin_huge'), r"unknown model 'green_swin_huge'"),
     ('not a green model', pretrain_with('--model', 'resnet18'), r'--model resnet18 is not a green model'),
     ('unknown model kwarg', pretrain_with('--model-kwargs', 'wnidow_size=2'),
@@ -201,8 +201,13 @@ CASES = [  # (id, argv from ctx, what the error line says)
      r"unknown model 'swin_huge'"),
     ('publish unknown model', lambda ctx: ['publish', ctx.run / 'x.pth', '--model', 'swin_huge', '--tag', 'mim_in1k',
                                            '--out', ctx.out / 'pub', '--dry-run'], r"unknown model 'swin_huge'"),
-    ('convert bad json', lambda ctx: ['convert', ctx.run / 'x.pth', ctx.out / 'c', '--model', 'green_swin_tiny',
-                                      '--model-kwargs', '{'], r'argument --model-kwargs: invalid loads value'),
+    ('convert model kwarg not KEY=VALUE', lambda ctx: [
+        'convert', ctx.run / 'x.pth', ctx.out / 'c', '--model', 'green_swin_tiny', '--model-kwargs', '{"a": 1}'],
+     r"argument --model-kwargs: '\{\"a\": 1\}' is not KEY=VALUE"),
+    ('pretrain model kwarg not KEY=VALUE', pretrain_with('--model-kwargs', 'window_size'),
+     r"argument --model-kwargs: 'window_size' is not KEY=VALUE"),
+    ('amp choice', pretrain_with('--amp', 'fp32'),
+     r"argument --amp: invalid choice: 'fp32' \(choose from '?auto'?, '?bf16"),
     ('convert missing file', lambda ctx: ['convert', ctx.root / 'missing.pth', ctx.out / 'c.safetensors', '--model',
                                           'green_swin_tiny'], r'missing.pth does not exist'),
 ]
@@ -255,7 +260,8 @@ def test_overwrite_replaces_the_run_in_a_folder(ctx, capsys):
     assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE, 'checkpoints', 'config.json', 'log.jsonl',
                                                      'notes.txt']
     assert sorted(p.name for p in (run / 'checkpoints').iterdir()) == ['last.json', 'step-00000001']
-    assert [json.loads(line)['step'] for line in (run / 'log.jsonl').read_text().splitlines()] == [1]
+    records = [json.loads(line) for line in (run / 'log.jsonl').read_text().splitlines()]
+    assert [(r['type'], r['step']) for r in records] == [('step', 1), ('stop', 1)]
 
 
 def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(ctx, capsys, monkeypatch):

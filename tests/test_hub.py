@@ -26,6 +26,7 @@ from greenmim.hub import Metric, load_manifest, publish
 from greenmim.models.manifest import write_release
 from greenmim.checkpoint import sha256_file, split_mim_state_dict
 from greenmim.hub.loading import load_mim_pretrained, load_pretrained
+from train_fixtures import cli_kwargs
 
 TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
 NAME = 'green_swin_tiny.mim_in1k'
@@ -57,7 +58,7 @@ def published(mim, tmp_path_factory):
     """The repository folder written by ``publish --dry-run`` and the manifest entry it printed."""
     out = tmp_path_factory.mktemp('hub') / 'green_swin_tiny.mim_in1k'
     code, entry = run_publish(mim[1], '--model', 'green_swin_tiny', '--tag', 'mim_in1k', '--out', out, '--dry-run',
-                              '--model-kwargs', json.dumps(TINY), '--decoder-heads', 4, '--source-checkpoint', 'test')
+                              *cli_kwargs(TINY), '--decoder-heads', 4, '--source-checkpoint', 'test')
     assert code == 0
     return out, entry
 
@@ -101,7 +102,7 @@ def test_finetuned_card_carries_measured_metrics(tmp_path):
     metrics.write_text(json.dumps([{'name': 'top1', 'value': 12.5, 'dataset': 'imagenet-1k/validation',
                                     'command': 'greenmim finetune --eval-only ...'}]))
     _, entry = run_publish(checkpoint, '--model', 'green_swin_tiny', '--tag', 'mim_in1k_ft_in1k', '--out',
-                           tmp_path / 'repo', '--dry-run', '--model-kwargs', json.dumps(TINY), '--metrics', metrics)
+                           tmp_path / 'repo', '--dry-run', *cli_kwargs(TINY), '--metrics', metrics)
     card = ModelCard.load(tmp_path / 'repo' / 'README.md')
     assert card.data.pipeline_tag == 'image-classification'
     assert card.data.eval_results[0].metric_value == 12.5 and entry['metrics'][0]['command']
@@ -109,7 +110,7 @@ def test_finetuned_card_carries_measured_metrics(tmp_path):
 
 
 def test_publish_refuses_bad_input(mim, published, tmp_path, monkeypatch):
-    common = ['--model', 'green_swin_tiny', '--model-kwargs', json.dumps(TINY)]
+    common = ['--model', 'green_swin_tiny', *cli_kwargs(TINY)]
     with pytest.raises(ValueError, match='not empty'):
         run_publish(mim[1], *common, '--tag', 'mim_in1k', '--out', published[0], '--dry-run')
     with pytest.raises(ValueError, match='needs a classifier checkpoint'):
@@ -129,7 +130,7 @@ def test_publish_takes_encoder_and_decoder_files(mim, published, tmp_path):
     safetensors.torch.save_file(decoder, tmp_path / 'decoder.safetensors')
     run_publish(tmp_path / 'model.safetensors', '--decoder', tmp_path / 'decoder.safetensors',
                 '--model', 'green_swin_tiny', '--tag', 'mim_in1k', '--out', tmp_path / 'repo', '--dry-run',
-                '--model-kwargs', json.dumps(TINY), '--decoder-heads', 4)
+                *cli_kwargs(TINY), '--decoder-heads', 4)
     for name in ('model.safetensors', 'mim_decoder.safetensors'):  # (header metadata order is not reproducible)
         ours, reference = (safetensors.torch.load_file(d / name) for d in (tmp_path / 'repo', published[0]))
         assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
@@ -165,10 +166,18 @@ def test_unpublished_tag_fails_at_once():
     assert timm.list_models('green_*', pretrained=True) == sorted(n for n, r in releases.items() if r.published)
     name, release = next((n, r) for n, r in releases.items() if not r.published)
     assert timm.create_model(name, **TINY).pretrained_cfg.get('hf_hub_id') is None
-    with pytest.raises(RuntimeError, match='No pretrained weights exist'):
-        timm.create_model(name, pretrained=True, **TINY)
-    with pytest.raises(ValueError, match=f'weights not published yet \\(planned at {release.hub_id}'):
-        load_pretrained(name, **TINY)
+    assert timm.list_pretrained('green_*') == []  # nothing loadable yet
+    for error, make in ((RuntimeError, lambda: timm.create_model(name, pretrained=True, **TINY)),
+                        (ValueError, lambda: load_pretrained(name, **TINY))):
+        with pytest.raises(error) as e:
+            make()
+        message = str(e.value)
+        assert message.startswith(f'No pretrained weights exist for {name}: not published yet (planned at '
+                                  f'{release.hub_id})'), message
+        assert all(s in message for s in ("pretrained_cfg_overlay=dict(file='export/model.safetensors')",
+                                          'greenmim export', 'greenmim convert', 'docs/hub.md', 'greenmim models'))
+    with pytest.raises(RuntimeError, match=r'for green_swin_tiny\.mim_in1k_ft_in1k: not published yet'):
+        timm.create_model('green_swin_tiny', pretrained=True, **TINY)  # the default tag, named
     # the default tag is the fine-tuned classifier even without weights
     assert timm.create_model('green_swin_tiny', **TINY).num_classes == 1000
 
@@ -218,7 +227,7 @@ _CLIENT = r'''
 import json, os, sys, torch, timm, greenmim
 from greenmim.hub.loading import load_mim_pretrained, load_pretrained
 tiny, x_path, result_path = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
-x, out = torch.load(x_path), {}
+x, out = torch.load(x_path), {'listed': timm.list_pretrained('green_*')}
 with torch.no_grad():
     for label, make in [
             ('registry', lambda: timm.create_model('green_swin_tiny.mim_in1k', pretrained=True, **tiny)),
@@ -303,7 +312,7 @@ def _run_client(tmp_path, env, x):
         [sys.executable, '-c', _CLIENT, json.dumps(TINY), str(tmp_path / 'x.pt'), str(result)],
         env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(result.read_text())
+    return dict(json.loads(result.read_text()), stderr=proc.stderr)
 
 
 def test_pretrained_download_from_hub_endpoint_then_offline_cache(mim, published, hub_endpoint, tmp_path):
@@ -324,6 +333,7 @@ def test_pretrained_download_from_hub_endpoint_then_offline_cache(mim, published
                BAD_MANIFEST=str(bad_manifest), BAD_DECODER_MANIFEST=str(bad_decoder_manifest))
 
     online = _run_client(tmp_path, env, x)
+    assert online['listed'] == [NAME] and 'offline' not in online['stderr']
     for label in ('registry', 'hf-hub', 'helper'):
         assert online[label] == expected, (label, str(online[label])[:300])
     assert online['missing'].startswith('FileNotFoundError: no repository greenmim/no_such_model')
@@ -335,6 +345,16 @@ def test_pretrained_download_from_hub_endpoint_then_offline_cache(mim, published
     for label in ('registry', 'hf-hub', 'helper'):
         assert offline[label] == expected, (label, str(offline[label])[:300])
     assert 'is not in the HF cache' in offline['missing'] and 'HF_HUB_OFFLINE=1' in offline['missing']
+
+    # no HF_HUB_OFFLINE, an endpoint that does not answer: offline at once (one line), from the cache
+    unreachable = _run_client(tmp_path, dict(env, HF_ENDPOINT='http://127.0.0.1:9'), x)
+    for label in ('registry', 'hf-hub', 'helper'):
+        assert unreachable[label] == expected, (label, str(unreachable[label])[:300])
+    assert 'is not in the HF cache' in unreachable['missing']
+    notes = [line for line in unreachable['stderr'].splitlines() if line.startswith('offline: ')]
+    assert notes == ['offline: no answer from http://127.0.0.1:9 within 3 s (<urlopen error [Errno 111] Connection '
+                     'refused>); greenmim/green_swin_tiny.mim_in1k comes from the HF cache only (as with '
+                     'HF_HUB_OFFLINE=1)'], unreachable['stderr'][-2000:]
 
 
 def test_manifest_entries_are_validated_and_written(tmp_path):
@@ -395,7 +415,7 @@ def test_authors_checkpoints_are_listed_with_the_command_that_releases_them():
             model = timm.create_model(name, **kwargs)  # registered in timm, headless
         assert model.num_classes == 0 and model.pretrained_cfg['tag'] == release.tag
         assert not model.pretrained_cfg.get('hf_hub_id') and model.pretrained_cfg['license'] == 'cc-by-nc-4.0'
-    with pytest.raises(ValueError, match='weights not published yet'):
+    with pytest.raises(ValueError, match='mim_in1k_authors: not published yet'):
         load_pretrained('green_swin_base.mim_in1k_authors')
 
 

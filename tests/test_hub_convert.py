@@ -15,6 +15,7 @@ import greenmim
 from greenmim.hub import convert
 from greenmim.checkpoint import split_mim_state_dict
 from greenmim.cli import main
+from train_fixtures import cli_kwargs
 
 TINY = dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 2))
 SWIN_ORDER = ('x00', 'x10', 'x01', 'x11')  # x{row}{col} neighbours of a 2x2 merge, as Swin concatenates them
@@ -228,7 +229,7 @@ def test_command_writes_a_verified_safetensors_file(green, tmp_path):
     source = tmp_path / 'greenmim_swin_tiny.pth'
     torch.save(authors_greenmim(green), source)
     out = tmp_path / 'converted.safetensors'
-    assert main(['convert', str(source), str(out), '--model', 'green_swin_tiny', '--model-kwargs', json.dumps(TINY)]) == 0
+    assert main(['convert', str(source), str(out), '--model', 'green_swin_tiny', *cli_kwargs(TINY)]) == 0
     with safetensors.safe_open(out, 'pt') as f:
         metadata = f.metadata()
     assert (metadata['format'], metadata['kind'], metadata['mim_class'], metadata['merge_order']) == (
@@ -251,7 +252,7 @@ def test_merge_order_check_scores_each_order(green, tmp_path, capsys):
     source = tmp_path / 'ckpt.pth'
     torch.save(checkpoint, source)
     assert main(['convert', str(source), str(tmp_path / 'unused.safetensors'), '--model', 'green_swin_tiny',
-                 '--model-kwargs', json.dumps(TINY), '--check-merge-order', '--check-images', '2']) == 0
+                 *cli_kwargs(TINY), '--check-merge-order', '--check-images', '2']) == 0
     report = capsys.readouterr().out.splitlines()
     assert report[0] == 'MIM loss on 2 sample photos, 4 masks each (lower is better):'
     assert re.fullmatch(rf"  --merge-order swin   {losses['swin']:.4f}   concatenation x00,x10,x01,x11 \(Swin's\), "
@@ -268,6 +269,6 @@ def test_merge_order_check_refuses_a_classifier(tmp_path, capsys):
     source = tmp_path / 'classifier.pth'
     torch.save({'model': to_authors_swin(model.state_dict(), model)}, source)
     assert main(['convert', str(source), str(tmp_path / 'unused.safetensors'), '--model', 'green_swin_tiny',
-                 '--model-kwargs', json.dumps(TINY), '--check-merge-order']) == 2
+                 *cli_kwargs(TINY), '--check-merge-order']) == 2
     assert re.fullmatch(r'greenmim convert: error: --check-merge-order needs a GreenMIM or SimMIM pre-training '
                         r'checkpoint .*\n', capsys.readouterr().err)

@@ -144,3 +144,20 @@ def test_default_mixup_trains_a_micro_batch_with_one_readable_image(folders, tmp
     summary = finetune(FinetuneConfig(**TINY, data=str(data), epochs=1, batch_size=2, num_workers=0,
                                       output_dir=str(tmp_path / 'batch2')))
     assert summary.steps == 1 and summary.images_skipped == 1 and torch.isfinite(torch.tensor(summary.losses)).all()
+
+
+def test_finetune_takes_the_architecture_from_the_checkpoint_and_evaluates_at_max_steps(mim_run, folders,
+                                                                                           tmp_path, capsys):
+    train, val = folders
+    summary = finetune(FinetuneConfig(model=TINY['model'], checkpoint=mim_run.output_dir, data=str(train),
+                                      val_data=str(val), epochs=3, warmup_epochs=0, batch_size=8, epoch_size=16,
+                                      max_steps=3, mixup=0, cutmix=0, num_workers=0, output_dir=str(tmp_path)))
+    out = capsys.readouterr().out
+    assert (f'loaded {mim_run.output_dir}/checkpoints/step-00000002/model.safetensors (step 2): mim of '
+            'green_swin_tiny @ 64px, embed_dim=24, depths=[1, 1, 1, 1]') in out
+    assert 'finetune green_swin_tiny @ 64px, 2 classes, 16 training images' in out  # --epoch-size 16 of 32
+    assert summary.steps == 3 and summary.epochs_completed == 1  # 2 steps an epoch
+    assert set(summary.stop_metrics) == {'val_top1', 'val_top5', 'val_loss'}
+    block = out[out.index('\ndone\n'):]
+    assert f'val_top1 {summary.stop_metrics["val_top1"]:.2f} (at the stop)' in block
+    assert 'last checkpoint: ' in block and f'log: {tmp_path}/log.jsonl' in block

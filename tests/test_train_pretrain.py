@@ -167,3 +167,54 @@ def test_skipped_micro_batches_do_not_count_and_a_run_that_trained_nothing_fails
     with pytest.raises(NothingTrainedError, match='this run trained nothing'):
         pretrain(cfg)
     assert not (tmp_path / 'bad_run_max_steps' / 'checkpoints').exists()
+
+
+def test_max_steps_stop_gets_its_reconstruction_and_the_bar_counts_to_it(photos, tmp_path, capsys):
+    out = tmp_path / 'run'
+    summary = pretrain(tiny_pretrain_config(out, data=str(photos), epochs=3, max_steps=3, vis_every=5))
+    captured = capsys.readouterr()
+    assert summary.steps == 3 and summary.epochs_completed == 1
+    assert sorted(p.name for p in (out / 'reconstructions').iterdir()) == ['epoch-0002.png']  # only the stop's
+    assert f'reconstructions: {out}/reconstructions/epoch-0002.png' in captured.out
+    assert '3/3 [' in captured.err and '/6 [' not in captured.err  # the bar's total is --max-steps
+    records = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    assert records[-1] == {'type': 'stop', 'step': 3, 'epoch': 1}
+
+
+def test_epoch_size_trains_a_seeded_subset_of_map_style_data(photos, tmp_path, capsys):
+    summary = pretrain(tiny_pretrain_config(tmp_path / 'run', data=str(photos), epoch_size=4))
+    assert summary.steps == 1  # 4 of the 8 photos at batch size 4
+    assert '(4 images, 0 non-image files ignored)' in capsys.readouterr().out
+
+
+def test_a_warmup_longer_than_the_run_is_clamped_with_a_warning(photos, tmp_path, capsys):
+    summary = pretrain(tiny_pretrain_config(tmp_path / 'short', data=str(photos), epochs=2, warmup_epochs=40))
+    assert ('warning: --warmup-epochs 40 is not shorter than --epochs 2, so the lr would never leave the warm-up: '
+            'warming up over 0.2 epochs (a tenth of the run) instead') in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / 'short' / 'log.jsonl').read_text().splitlines()]
+    lrs = [r['lr'] for r in records if r['type'] == 'step']
+    assert summary.steps == 4 and lrs[0] == pytest.approx(1e-3)  # warm-up rounds to 0 steps: lr from the start
+    pretrain(tiny_pretrain_config(tmp_path / 'run', data=str(photos), epochs=4, warmup_epochs=2, max_steps=2))
+    assert ('warning: --max-steps 2 stops inside the lr warm-up (4 steps of --warmup-epochs 2)'
+            in capsys.readouterr().out)
+
+
+def test_written_files_follow_the_umask(photos, tmp_path):
+    import os
+    from greenmim.train import export
+    previous = os.umask(0o027)
+    try:
+        pretrain(tiny_pretrain_config(tmp_path / 'run', data=str(photos), max_steps=1))
+        paths = export(tmp_path / 'run', tmp_path / 'export')
+    finally:
+        os.umask(previous)
+    files = [*paths.values(), *(tmp_path / 'run' / 'checkpoints' / 'step-00000001').iterdir()]
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {'0o640'}
+
+
+def test_local_parquet_data_prints_no_datasets_progress(tmp_path, capfd):
+    from test_train_data import _write_parquet
+    _write_parquet(tmp_path / 'train.parquet', 8)
+    pretrain(tiny_pretrain_config(tmp_path / 'run', data=str(tmp_path / 'train.parquet'), max_steps=1))
+    err = capfd.readouterr().err
+    assert 'train:' in err and 'Generating train split' not in err and 'Downloading data' not in err

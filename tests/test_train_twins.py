@@ -12,11 +12,11 @@ from greenmim.checkpoint import read_checkpoint
 from greenmim.cli import main
 from greenmim.train.optim import build_optimizer
 from greenmim.train.run_checkpoints import resolve_checkpoint
-from train_fixtures import copy_photos, make_two_class_folder
+from train_fixtures import cli_kwargs, copy_photos, make_two_class_folder
 
 MODEL = 'green_twins_svt_small'
 KWARGS = dict(embed_dims=(8, 16, 16, 32), num_heads=(1, 2, 2, 4), depths=(2, 2, 2, 2), wss=(2, 2, 2, 2))
-CLI_KWARGS = ['--model-kwargs', *(f'{k}={v}'.replace(' ', '') for k, v in KWARGS.items())]
+CLI_KWARGS = cli_kwargs(KWARGS)
 COMMON = ['--model', MODEL, '--input-size', '64', *CLI_KWARGS, '--num-workers', '0']
 
 
@@ -62,7 +62,7 @@ def test_export_loads_into_timm_and_publishes(pretrained, tmp_path):
     assert main(['publish', str(tmp_path / 'export' / 'model.safetensors'), '--decoder',
                  str(tmp_path / 'export' / 'mim_decoder.safetensors'), '--model', MODEL, '--tag', 'mim_in1k',
                  '--out', str(repo), '--dry-run', '--decoder-heads', '16',
-                 '--model-kwargs', json.dumps(dict(KWARGS, img_size=64))]) == 0
+                 *cli_kwargs(dict(KWARGS, img_size=64))]) == 0
     config = json.loads((repo / 'config.json').read_text())
     assert config['architecture'] == MODEL and config['model_args']['embed_dims'] == [8, 16, 16, 32]
     card = ModelCard.load(repo / 'README.md')
@@ -103,7 +103,7 @@ def test_convert_a_twins_checkpoint(method, tmp_path):
     torch.save({'model': authors}, tmp_path / 'authors.pth')
     out = tmp_path / 'converted.safetensors'
     assert main(['convert', str(tmp_path / 'authors.pth'), str(out), '--model', MODEL,
-                 '--model-kwargs', json.dumps(dict(KWARGS, img_size=64))]) == 0
+                 *cli_kwargs(dict(KWARGS, img_size=64))]) == 0
     converted = safetensors.torch.load_file(out)
     assert converted.keys() == source.state_dict().keys()
     assert all(torch.equal(converted[k], v) for k, v in source.state_dict().items())

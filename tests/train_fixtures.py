@@ -75,3 +75,8 @@ def ddp_worker(rank: int, world_size: int, port: int, config, out_dir: str) -> N
         torch.save({'masks': masks, 'losses': summary.losses, 'weights': weights}, Path(out_dir) / f'rank{rank}.pt')
     finally:
         torch.distributed.destroy_process_group()
+
+
+def cli_kwargs(kwargs) -> list:
+    """``--model-kwargs KEY=VALUE ...`` for ``kwargs``, e.g. ``depths=(1,1,1,1)``."""
+    return ['--model-kwargs', *(f'{k}={v}'.replace(' ', '') for k, v in kwargs.items())]

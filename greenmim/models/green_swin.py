@@ -18,7 +18,7 @@ from greenmim.kernels import AttentionLayout, group_window_attention
 from greenmim.layout import StageLayout, StageSpec, VisibleLayout
 from greenmim.masking import upsample_mask
 from greenmim.models.family import ModelFamily, register_family
-from greenmim.models.manifest import pretrained_cfgs
+from greenmim.models.manifest import pretrained_cfgs, require_weights_source
 from greenmim.models.visible import VisibleEncoderMixin, gather_children
 
 __all__ = ['GreenSwinTransformer']
@@ -92,6 +92,7 @@ class GreenSwinTransformer(VisibleEncoderMixin, SwinTransformer):
 
 
 def _create_green_swin(variant: str, pretrained: bool = False, **kwargs) -> GreenSwinTransformer:
+    require_weights_source(variant, pretrained, kwargs)
     default_out_indices = tuple(i for i, _ in enumerate(kwargs.get('depths', (1, 1, 3, 1))))
     out_indices = kwargs.pop('out_indices', default_out_indices)
     return build_model_with_cfg(

@@ -26,7 +26,7 @@ from greenmim.kernels import group_window_attention, sparse_depthwise_conv
 from greenmim.layout import StageLayout, StageSpec, VisibleLayout
 from greenmim.masking import upsample_mask
 from greenmim.models.family import ModelFamily, register_family
-from greenmim.models.manifest import pretrained_cfgs
+from greenmim.models.manifest import pretrained_cfgs, require_weights_source
 from greenmim.models.visible import VisibleEncoderMixin, gather_children
 
 __all__ = ['GreenTwins']
@@ -144,6 +144,7 @@ def _original_to_timm(state_dict, model):
 
 
 def _create_green_twins(variant: str, pretrained: bool = False, **kwargs) -> GreenTwins:
+    require_weights_source(variant, pretrained, kwargs)
     out_indices = kwargs.pop('out_indices', 4)
     return build_model_with_cfg(
         GreenTwins, variant, pretrained,

@@ -4,8 +4,8 @@
 ``model.tag``. It is the one table of releases: the model families build their timm pretrained cfgs from it
 (:func:`pretrained_cfgs`), and the release tooling (:mod:`greenmim.hub`) reads and writes it. A tag gets a
 ``hf_hub_id`` in its cfg only when its release is ``published``, so ``pretrained=True`` on a tag without weights
-fails at once with timm's "No pretrained weights exist" instead of querying the Hub for a repository that does not
-exist.
+fails at once (:func:`require_weights_source`: the tag, "not published yet" and how to load your own weights)
+instead of querying the Hub for a repository that does not exist.
 """
 import json
 import os
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 __all__ = ['Metric', 'Release', 'STATUSES', 'TAGS', 'is_mim_tag', 'manifest_path', 'load_manifest', 'write_release',
-           'pretrained_cfgs', 'PAPER_CFG']
+           'pretrained_cfgs', 'PAPER_CFG', 'no_weights_message', 'require_weights_source']
 
 STATUSES = ('published', 'not-published')
 PAPER_CFG = {  # in the timm cfg of every green model
@@ -160,3 +160,31 @@ def pretrained_cfgs(models: Sequence[str], base_cfg: dict) -> Dict[str, dict]:
             {**PAPER_CFG, **base_cfg, 'num_classes': 0 if is_mim_tag(tag) else 1000}, releases.get(f'{model}.{tag}'))
         for model in models for tag in tags[model]
     }
+
+
+def no_weights_message(name: str) -> str:
+    """Why ``name`` (``model.tag``) has no weights to load, and how to load one's own."""
+    release = load_manifest().get(name)
+    status = (f'not published yet (planned at {release.hub_id})' if release is not None and not release.published
+              else 'no weights source')
+    return (f'No pretrained weights exist for {name}: {status}. Load your own with '
+            "pretrained_cfg_overlay=dict(file='export/model.safetensors') after `greenmim export runs/pretrain` "
+            "(greenmim.hub.sources.weights_overlay('runs/pretrain') exports a run folder for you), the authors' "
+            'checkpoints after `greenmim convert`, or use pretrained=False. See docs/hub.md; `greenmim models` lists '
+            'every tag and its weights')
+
+
+def require_weights_source(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> None:
+    """Before timm builds ``variant`` with ``pretrained=True``: ``RuntimeError`` (:func:`no_weights_message`) when
+    the resolved cfg (tag and ``pretrained_cfg_overlay`` from ``kwargs``) names no weights source; for weights on
+    the Hub, :func:`greenmim.offline.hub_reachable` (offline at once, from the HF cache, when it does not answer)."""
+    if not pretrained:
+        return
+    from timm.models import resolve_pretrained_cfg
+
+    from greenmim.offline import hub_reachable
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    if not (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict):
+        raise RuntimeError(no_weights_message(f'{cfg.architecture or variant}.{cfg.tag}'))
+    if cfg.hf_hub_id and not cfg.file and cfg.source != 'local-dir':
+        hub_reachable(cfg.hf_hub_id)

@@ -73,6 +73,7 @@ class TrainSummary:
     interrupted: bool = False
     wall_time_s: float = 0.0
     graphs_compiled: Optional[int] = None  # with torch.compile: graphs Dynamo compiled in this call (1: once)
+    stop_metrics: Dict[str, Any] = field(default_factory=dict)  # on_epoch_end's at a --max-steps stop mid-epoch
 
 
 @dataclass
@@ -198,7 +199,8 @@ class Trainer:
         self.summary = TrainSummary(str(self.output_dir), self.step, self.epoch)
         self._graphs_at_start = _compiled_graphs()
         self._start_time = self._last_step_time = time.time()
-        self._bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.process.is_main, unit='step',
+        total = min(self.total_steps, self.loop.max_steps or self.total_steps)
+        self._bar = tqdm(total=total, initial=self.step, disable=not self.process.is_main, unit='step',
                          dynamic_ncols=True, desc='train')
         with self._bar, _stop_on_sigint() as stop:  # the bar is closed (its line ended) also when the run fails
             while self.epoch < self.loop.epochs:
@@ -225,8 +227,19 @@ class Trainer:
                 self.summary.interrupted = stop.requested
                 self._require_trained('this run', len(self.summary.losses))
                 self.summary.last_checkpoint = self._save()
+                if not stop.requested:
+                    self._evaluate_at_stop()
                 return False
         return True
+
+    def _evaluate_at_stop(self) -> None:
+        """At ``max_steps`` inside an epoch: ``on_epoch_end`` as at an epoch's end (evaluation, reconstructions),
+        logged as a ``stop`` record; the position stays inside the epoch, so a resumed run continues it."""
+        metrics = self.on_epoch_end(self.epoch) if self.on_epoch_end is not None else {}
+        self.summary.stop_metrics = metrics
+        self._log({'type': 'stop', 'step': self.step, 'epoch': self.epoch, **metrics})
+        if self.process.is_main and metrics:
+            self._bar.write(' '.join(f'{k}={v:.4f}' for k, v in metrics.items()))
 
     def _micro_step(self, batch: Batch, totals: StepTotals) -> None:
         """Forward and backward of one micro-batch, its loss added to ``totals`` on the device (no host sync); a

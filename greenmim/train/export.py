@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import timm
-from safetensors.torch import save_file
 
 from greenmim.checkpoint import (
     DECODER_FILE, WEIGHTS_FILE, check_written_for, is_mim_state_dict, load_verified, read_checkpoint,
-    split_mim_state_dict, weights_metadata, wrapper_metadata)
+    save_weights, split_mim_state_dict, weights_metadata, wrapper_metadata)
 
 from .run_checkpoints import resolve_checkpoint
 from .validation import check_model_name
@@ -52,18 +51,18 @@ def export(checkpoint, output_dir, model: Optional[str] = None, verify: bool = T
         load_verified(timm.create_model(name, **model_kwargs), encoder, name, source=checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     paths = {'model': out / WEIGHTS_FILE}
-    save_file({k: v.contiguous() for k, v in encoder.items()}, str(paths['model']),
-              weights_metadata('encoder' if is_mim else 'classifier', name, model_kwargs, source=str(source)))
+    kind = 'encoder' if is_mim else 'classifier'
+    save_weights(encoder, paths['model'], weights_metadata(kind, name, model_kwargs, source=str(source)))
     if decoder:
         paths['decoder'] = out / DECODER_FILE
-        save_file({k: v.contiguous() for k, v in decoder.items()}, str(paths['decoder']),
-                  dict(weights_metadata('decoder', name, model_kwargs, source=str(source)), **wrapper_metadata(metadata)))
+        decoder_meta = weights_metadata('decoder', name, model_kwargs, source=str(source))
+        save_weights(decoder, paths['decoder'], dict(decoder_meta, **wrapper_metadata(metadata)))
     return paths
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('checkpoint', help='run folder, checkpoint folder or .safetensors file')
-    parser.add_argument('--output-dir', '-o', default='export', help='where to write model.safetensors (default: export)')
+    parser.add_argument('--output-dir', '-o', default='export', help='where to write model.safetensors')
     parser.add_argument('--model', default=None, help='architecture (default: from the checkpoint metadata)')
     parser.add_argument('--no-verify', dest='verify', action='store_false',
                         help='skip loading the exported weights into the timm model')

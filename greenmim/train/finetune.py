@@ -11,7 +11,10 @@ Python API::
     finetune(FinetuneConfig(model='green_swin_base', checkpoint='runs/pretrain', data='imagenet/train',
                             val_data='imagenet/val', num_classes=1000))
 """
+import json
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -28,7 +31,7 @@ from .config import amp_dtype, config_command
 from .data import build_dataset, collate_images
 from .distributed import DistributedProcess, all_reduce_sum
 from .engine import TrainSummary
-from .run import RunConfig, build_trainer, create_model, run_session
+from .run import RunConfig, build_trainer, create_model, print_summary, run_session, subset
 from .run_checkpoints import resolve_checkpoint
 from .transforms import eval_transform, finetune_transform
 
@@ -39,8 +42,8 @@ __all__ = ['FinetuneConfig', 'finetune', 'load_pretrained_encoder', 'evaluate', 
 class FinetuneConfig(RunConfig):
     """Fine-tuning settings (defaults: the authors' Swin-B recipe; ``layer_decay`` 0.8 for Swin-L)."""
     model: str = 'green_swin_base'
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    input_size: int = 224
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # added to (and overriding) the checkpoint's
+    input_size: Optional[int] = None      # None: the checkpoint's (224 without one)
     checkpoint: Optional[str] = None      # MIM checkpoint (folder/run/file) or exported encoder; None: from scratch
     linear_probe: bool = False            # train the head only, on frozen features
     # data
@@ -52,6 +55,7 @@ class FinetuneConfig(RunConfig):
     image_column: Optional[str] = None
     label_column: Optional[str] = None
     num_classes: Optional[int] = None     # from the data when not given
+    epoch_size: Optional[int] = None      # train on a random subset of this many images (drawn once from seed)
     min_image_size: int = 32
     num_workers: int = 2
     # optimisation
@@ -81,15 +85,41 @@ def load_pretrained_encoder(model: torch.nn.Module, path, model_name: str) -> Di
     """Load a GreenMIM/SimMIM checkpoint's encoder, an exported encoder or a classifier into ``model`` (a timm
     classifier of ``model_name``). The head is kept from ``model`` when absent or of another size. Returns the
     checkpoint's metadata; raises ``ValueError`` when the weights belong to another architecture."""
+    weights, metadata = _read_pretrained(path, model_name)
+    _load_encoder(model, weights, model_name, path)
+    return metadata
+
+
+def _read_pretrained(path, model_name: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     weights, metadata = read_checkpoint(resolve_checkpoint(path))
     check_written_for(metadata, model_name, path)
+    return weights, metadata
+
+
+def _load_encoder(model: torch.nn.Module, weights: Dict[str, torch.Tensor], model_name: str, path) -> None:
     if is_mim_state_dict(weights):
         weights = split_mim_state_dict(weights)[0]
     own = model.state_dict()
     weights = {k: v for k, v in weights.items()
                if not (k.startswith('head.') and (k not in own or own[k].shape != v.shape))}
     load_verified(model, weights, model_name, source=path, optional=('head.',))
-    return metadata
+
+
+def _architecture(config: 'FinetuneConfig', metadata: Dict[str, str]) -> Tuple[int, Dict[str, Any]]:
+    """``(input size, model kwargs)``: the checkpoint's, overridden by those given in ``config``."""
+    written = json.loads(metadata.get('model_kwargs', '{}'))
+    written_size = written.pop('img_size', None)
+    written.pop('num_classes', None)
+    return config.input_size or written_size or 224, {**written, **config.model_kwargs}
+
+
+def _describe_checkpoint(path, metadata: Dict[str, str], input_size: int, model_kwargs: Dict[str, Any]) -> str:
+    source = resolve_checkpoint(path)
+    step = re.fullmatch(r'step-0*(\d+)', source.parent.name)
+    kwargs = ', '.join(f'{k}={v}' for k, v in model_kwargs.items())
+    return (f'loaded {source}' + (f' (step {step.group(1)})' if step else '')
+            + f': {metadata.get("kind", "weights")} of {metadata.get("model", "an unnamed model")} @ {input_size}px'
+            + (f', {kwargs}' if kwargs else ''))
 
 
 @torch.no_grad()
@@ -130,23 +160,28 @@ def finetune(config: FinetuneConfig) -> TrainSummary:
 
 
 def _finetune(config: FinetuneConfig, process) -> TrainSummary:
+    weights, metadata = _read_pretrained(config.checkpoint, config.model) if config.checkpoint else ({}, {})
+    input_size, model_kwargs = _architecture(config, metadata)
     common = dict(with_labels=True, data_format=config.data_format, image_column=config.image_column,
                   label_column=config.label_column, min_size=config.min_image_size, seed=config.seed)
-    train_tf = (finetune_transform(config.input_size, None, 0.0) if config.linear_probe
-                else finetune_transform(config.input_size, config.auto_augment, config.reprob))
+    train_tf = (finetune_transform(input_size, None, 0.0) if config.linear_probe
+                else finetune_transform(input_size, config.auto_augment, config.reprob))
     dataset = build_dataset(config.data, train_tf, split=config.split, rank=process.rank,
                             world_size=process.world_size, **common)
-    val_dataset = (build_dataset(config.val_data, eval_transform(config.input_size), split=config.val_split, **common)
+    dataset = subset(dataset, config.epoch_size, config.seed)
+    val_dataset = (build_dataset(config.val_data, eval_transform(input_size), split=config.val_split, **common)
                    if config.val_data else None)
     num_classes = config.num_classes or dataset.num_classes
     if not num_classes:
         raise ValueError('could not tell the number of classes from the data: pass --num-classes')
     if num_classes < 2:
         raise ValueError(f'{config.data} has {num_classes} class: a classifier needs at least 2')
-    model = create_model(config.model, num_classes=num_classes, img_size=config.input_size,
-                         drop_path_rate=0.0 if config.linear_probe else config.drop_path, **config.model_kwargs)
+    model = create_model(config.model, num_classes=num_classes, img_size=input_size,
+                         drop_path_rate=0.0 if config.linear_probe else config.drop_path, **model_kwargs)
     if config.checkpoint:
-        load_pretrained_encoder(model, config.checkpoint, config.model)
+        _load_encoder(model, weights, config.model, config.checkpoint)
+        if process.is_main:
+            print(_describe_checkpoint(config.checkpoint, metadata, input_size, model_kwargs), flush=True)
     elif process.is_main:
         print('warning: no checkpoint given, fine-tuning from random initialisation', flush=True)
     if config.linear_probe:
@@ -179,22 +214,18 @@ def _finetune(config: FinetuneConfig, process) -> TrainSummary:
             return {}
         return evaluate(model, val_dataset, config.batch_size, process, config.num_workers, amp)
 
-    metadata = weights_metadata('classifier', config.model, dict(img_size=config.input_size, num_classes=num_classes,
-                                                                 **config.model_kwargs))
+    metadata = weights_metadata('classifier', config.model, dict(img_size=input_size, num_classes=num_classes,
+                                                                 **model_kwargs))
     trainer = build_trainer(
         config, process, model, dataset, loss_fn, metadata=metadata, lr_batch=512,
         layer_decay=None if config.linear_probe else config.layer_decay, on_epoch_end=on_epoch_end,
         best_metric=('val_top1', 'max') if val_dataset is not None else ('train_loss', 'min'),
-        description=f'{"linear probe" if config.linear_probe else "finetune"} {config.model} @ {config.input_size}px, '
+        description=f'{"linear probe" if config.linear_probe else "finetune"} {config.model} @ {input_size}px, '
                     f'{num_classes} classes, {len(dataset)} training images'
                     + (f', {len(val_dataset)} validation images' if val_dataset is not None else ''))
     summary = trainer.fit()
     if process.is_main:
-        last = summary.epoch_metrics[-1] if summary.epoch_metrics else {}
-        print(f'done: steps {summary.steps}, wall time {summary.wall_time_s:.0f} s, '
-              + (f'val top-1 {last["val_top1"]:.2f}% top-5 {last["val_top5"]:.2f}%, ' if 'val_top1' in last else '')
-              + f'images skipped {summary.images_skipped}, last checkpoint {summary.last_checkpoint}, '
-              f'best {summary.best_checkpoint}', flush=True)
+        print_summary(summary, Path(config.output_dir), metrics=('val_top1', 'val_top5', 'val_loss'))
     return summary
 
 
@@ -205,6 +236,17 @@ HELP = {
     'blr': 'base learning rate per 512 images (lr = blr x effective batch / 512)',
     'layer_decay': 'layer-wise lr decay (paper: 0.9 Swin-B, 0.8 Swin-L)',
     'linear_probe': 'train the classifier head only on frozen features',
+    'model_kwargs': 'extra timm model kwargs, added to (and overriding) those the checkpoint was trained with',
+    'input_size': 'image side in pixels (default: the checkpoint\'s, 224 without one)',
+    'val_split': 'split of --val-data',
+    'label_column': 'label column of a Hugging Face dataset (default: found automatically)',
+    'num_classes': 'classes of the classifier (default: from the data)',
+    'epoch_size': 'train on a random subset of this many images (drawn once from --seed); default: all',
+    'mixup': 'Mixup alpha (0: off)',
+    'cutmix': 'CutMix alpha (0: off)',
+    'smoothing': 'label smoothing, in [0, 1)',
+    'auto_augment': 'timm RandAugment policy',
+    'reprob': 'random erasing probability',
 }
 
 add_arguments, run = config_command(FinetuneConfig, finetune, HELP)

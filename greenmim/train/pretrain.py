@@ -22,7 +22,7 @@ from .config import amp_dtype, config_command, derived_seed
 from .data import MaskCollate, build_dataset
 from .engine import TrainSummary
 from .reconstruction import save_reconstruction_grid
-from .run import RunConfig, build_trainer, create_model, run_session
+from .run import RunConfig, build_trainer, create_model, print_summary, run_session, subset
 from .transforms import eval_transform, pretrain_transform
 
 __all__ = ['PretrainConfig', 'pretrain', 'build_mim_model', 'add_arguments', 'run']
@@ -50,7 +50,7 @@ class PretrainConfig(RunConfig):
     split: str = 'train'
     streaming: bool = False
     image_column: Optional[str] = None
-    epoch_size: Optional[int] = None     # streamed datasets without size info
+    epoch_size: Optional[int] = None     # a stream's size if it states none; else a random subset this large
     min_image_size: int = 32             # smaller images are skipped (and counted)
     num_workers: int = 2
     # optimisation
@@ -141,6 +141,7 @@ def _pretrain(config: PretrainConfig, process) -> TrainSummary:
         config.data, pretrain_transform(config.input_size), data_format=config.data_format, split=config.split,
         streaming=config.streaming, image_column=config.image_column, min_size=config.min_image_size,
         seed=config.seed, epoch_size=config.epoch_size, rank=process.rank, world_size=process.world_size)
+    dataset = subset(dataset, config.epoch_size, config.seed)
     collate = MaskCollate(
         model.encoder.layout_specs, config.mask_ratio, per_image=config.mask_mode == 'image',
         seed=derived_seed(config.seed, process.rank, 3), layout=config.method == 'greenmim', static=config.compile,
@@ -157,8 +158,9 @@ def _pretrain(config: PretrainConfig, process) -> TrainSummary:
                     if preview is not None else None)
     amp = amp_dtype(config.amp, process.device)
 
-    def on_epoch_end(epoch: int) -> Dict[str, Any]:
-        if preview is None or (epoch + 1) % config.vis_every:
+    def on_epoch_end(epoch: int) -> Dict[str, Any]:  # also at a --max-steps stop, which always gets its PNG
+        last = epoch + 1 == config.epochs or (config.max_steps is not None and trainer.step >= config.max_steps)
+        if preview is None or ((epoch + 1) % config.vis_every and not last):
             return {}
         path = Path(config.output_dir) / 'reconstructions' / f'epoch-{epoch + 1:04d}.png'
         with torch.autocast(process.device.type, dtype=amp, enabled=amp is not None):
@@ -181,35 +183,23 @@ def _pretrain(config: PretrainConfig, process) -> TrainSummary:
               flush=True)
     summary = trainer.fit()
     if process.is_main:
-        _print_summary(summary, Path(config.output_dir))
+        pngs = sorted((Path(config.output_dir) / 'reconstructions').glob('*.png'))
+        print_summary(summary, Path(config.output_dir), extra=[f'  reconstructions: {pngs[-1]}'] if pngs else [])
     return summary
-
-
-def _print_summary(summary: TrainSummary, output_dir: Path) -> None:
-    losses = [m['train_loss'] for m in summary.epoch_metrics]
-    pngs = sorted((output_dir / 'reconstructions').glob('*.png'))
-    lines = [
-        'interrupted: resumable checkpoint written' if summary.interrupted else 'done',
-        f'  steps {summary.steps}, epochs {summary.epochs_completed}, wall time {summary.wall_time_s:.0f} s',
-        f'  epoch loss {losses[0]:.4f} -> {losses[-1]:.4f}' if losses else
-        (f'  step loss {summary.losses[0]:.4f} -> {summary.losses[-1]:.4f}' if summary.losses else ''),
-        f'  images skipped (unreadable or smaller than the minimum size): {summary.images_skipped}',
-        '' if summary.graphs_compiled is None else '  torch.compile: ' + (
-            'compiled once' if summary.graphs_compiled == 1 else f'{summary.graphs_compiled} graphs compiled'),
-        f'  last checkpoint: {summary.last_checkpoint}',
-        f'  best checkpoint: {summary.best_checkpoint}',
-        f'  reconstructions: {pngs[-1]}' if pngs else '',
-        f'  log: {output_dir / "log.jsonl"}',
-    ]
-    print('\n'.join(line for line in lines if line), flush=True)
 
 
 HELP = {
     'method': 'greenmim (visible tokens only) or simmim (dense baseline)',
+    'mask_ratio': 'fraction of the 32x32 mask units masked, in (0, 1)',
+    'norm_pix_loss': 'GreenMIM: predict per-unit normalised pixels',
+    'decoder_dim': 'GreenMIM decoder width',
+    'decoder_depth': 'GreenMIM decoder blocks',
+    'streaming': 'stream a Hugging Face dataset instead of downloading it first',
+    'vis_images': 'images in each reconstruction PNG',
     'data': 'image folder, Parquet file/folder, or Hugging Face dataset name; default: the embedded photos',
     'blr': 'base learning rate per 256 images (lr = blr x effective batch / 256)',
-    'vis_every': 'epochs between reconstruction PNGs (0: never)',
+    'vis_every': 'epochs between reconstruction PNGs (0: never; the last epoch and a --max-steps stop get one)',
     'mask_mode': 'batch (one mask per micro-batch, the paper\'s) or image (one mask per image)',
 }
 
-add_arguments, run = config_command(PretrainConfig, pretrain, HELP)
+add_arguments, run = config_command(PretrainConfig, pretrain, HELP, {'method': tuple(METHODS), 'mask_mode': MASK_MODES})

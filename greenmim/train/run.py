@@ -11,23 +11,25 @@ import json
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import timm
 import torch
 
 from greenmim.checkpoint import check_written_for, load_verified, read_checkpoint, wrapper_metadata
+from greenmim.offline import hub_reachable, is_hub_id
 
 from .config import amp_dtype, derived_seed
 from .distributed import DistributedProcess, all_reduce_sum, init_distributed
-from .engine import LoopConfig, Trainer, steps_per_epoch
+from .engine import LoopConfig, Trainer, TrainSummary, steps_per_epoch
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .run_checkpoints import read_training_state, resolve_checkpoint
 from .run_folder import claim_run_folder
 from .validation import check_config
 
-__all__ = ['RunConfig', 'start_process', 'run_session', 'create_model', 'build_trainer']
+__all__ = ['RunConfig', 'start_process', 'run_session', 'create_model', 'build_trainer', 'SubsetDataset',
+           'subset', 'print_summary']
 
 
 @dataclass
@@ -60,11 +62,16 @@ def run_session(config) -> Iterator[DistributedProcess]:
     (:func:`~greenmim.train.run_folder.claim_run_folder`: a folder holding another run is refused unless resumed
     or ``overwrite``; a folder in use by another run is refused). Every rank raises when rank 0 refuses."""
     check_config(config)
+    for what in (config.model, getattr(config, 'data', None)):
+        if what and (what.startswith('hf-hub:') or is_hub_id(what)):
+            hub_reachable(what)
     process = start_process(config)
     if config.cuda_graphs and (not config.compile or process.device.type != 'cuda'):
         raise ValueError(f'--cuda-graphs replays the compiled step on a GPU: it needs --compile and a CUDA device '
                          f'(this run: {"--compile, " if config.compile else "no --compile, "}{process.device})')
     with ExitStack() as held:
+        if any(_is_local_file_data(getattr(config, name, None)) for name in ('data', 'val_data')):
+            held.enter_context(_datasets_progress_off())
         refusal = None
         if process.is_main:
             try:
@@ -75,6 +82,80 @@ def run_session(config) -> Iterator[DistributedProcess]:
         if refused.item():
             raise refusal or ValueError(f'rank 0 refused the output folder {config.output_dir}')
         yield process
+
+
+def _is_local_file_data(source: Optional[str]) -> bool:
+    """A local source that Hugging Face ``datasets`` reads (Parquet, ``imagefolder``), not an image folder."""
+    path = Path(source).expanduser() if source else None
+    return bool(path and path.exists() and not (path.is_dir() and not any(path.rglob('*.parquet'))))
+
+
+@contextmanager
+def _datasets_progress_off() -> Iterator[None]:
+    """No ``datasets`` progress lines ("Downloading data", "Generating train split") for local files."""
+    import datasets
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
+class SubsetDataset(torch.utils.data.Dataset):
+    """``indices`` of a map-style greenmim dataset (:func:`~greenmim.train.data.build_dataset`), with its
+    ``raw_image``, ``set_epoch``, ``min_size``, ``num_classes`` and ``num_ignored``."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+        self.min_size, self.num_classes, self.num_ignored = dataset.min_size, dataset.num_classes, dataset.num_ignored
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.indices[index]]
+
+    def raw_image(self, index: int):
+        return self.dataset.raw_image(self.indices[index])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
+def subset(dataset, count: Optional[int], seed: int):
+    """``count`` images of a map-style ``dataset`` drawn once from ``seed`` (in dataset order), or ``dataset`` when
+    ``count`` is ``None`` or not below its size; a streamed dataset is returned as it is (it takes ``count`` as its
+    epoch length)."""
+    if count is None or isinstance(dataset, torch.utils.data.IterableDataset) or count >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return SubsetDataset(dataset, sorted(order[:count].tolist()))
+
+
+def print_summary(summary: TrainSummary, output_dir: Path, metrics: Sequence[str] = (),
+                  extra: Sequence[str] = ()) -> None:
+    """The end-of-run block: steps, epochs, wall time, first -> last epoch loss, the last value of each of
+    ``metrics``, skipped images, checkpoints, ``extra`` lines, the log."""
+    losses = [m['train_loss'] for m in summary.epoch_metrics]
+    last = {**(summary.epoch_metrics[-1] if summary.epoch_metrics else {}), **summary.stop_metrics}
+    lines = [
+        'interrupted: resumable checkpoint written' if summary.interrupted else 'done',
+        f'  steps {summary.steps}, epochs {summary.epochs_completed}, wall time {summary.wall_time_s:.0f} s',
+        f'  epoch loss {losses[0]:.4f} -> {losses[-1]:.4f}' if losses else
+        (f'  step loss {summary.losses[0]:.4f} -> {summary.losses[-1]:.4f}' if summary.losses else ''),
+        *(f'  {name} {last[name]:.2f}' + (' (at the stop)' if name in summary.stop_metrics else '')
+          for name in metrics if name in last),
+        f'  images skipped (unreadable or smaller than the minimum size): {summary.images_skipped}',
+        '' if summary.graphs_compiled is None else '  torch.compile: ' + (
+            'compiled once' if summary.graphs_compiled == 1 else f'{summary.graphs_compiled} graphs compiled'),
+        f'  last checkpoint: {summary.last_checkpoint}',
+        f'  best checkpoint: {summary.best_checkpoint}',
+        *extra,
+        f'  log: {output_dir / "log.jsonl"}',
+    ]
+    print('\n'.join(line for line in lines if line), flush=True)
 
 
 def create_model(name: str, **kwargs) -> torch.nn.Module:
@@ -154,8 +235,19 @@ def build_trainer(
                                     mode='reduce-overhead' if config.cuda_graphs else None)
     loop = LoopConfig.of(config)
     epoch_steps = steps_per_epoch(dataset, loop, process)
-    scheduler = build_scheduler(optimizer, config.epochs * epoch_steps, round(config.warmup_epochs * epoch_steps),
-                                config.min_lr)
+    warmup_epochs = config.warmup_epochs
+    if warmup_epochs >= config.epochs:
+        warmup_epochs = config.epochs / 10
+        if process.is_main:
+            print(f'warning: --warmup-epochs {config.warmup_epochs:g} is not shorter than --epochs {config.epochs}, '
+                  f'so the lr would never leave the warm-up: warming up over {warmup_epochs:g} epochs (a tenth of '
+                  'the run) instead', flush=True)
+    warmup_steps = round(warmup_epochs * epoch_steps)
+    scheduler = build_scheduler(optimizer, config.epochs * epoch_steps, warmup_steps, config.min_lr)
+    if process.is_main and config.max_steps is not None and config.max_steps <= warmup_steps:
+        print(f'warning: --max-steps {config.max_steps} stops inside the lr warm-up ({warmup_steps} steps of '
+              f'--warmup-epochs {warmup_epochs:g}): the lr never reaches {lr:.3g}; the schedule is that of '
+              f'--epochs {config.epochs}, so lower --epochs and --warmup-epochs for a short run', flush=True)
     trainer = Trainer(model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
                       dataset=dataset, loss_fn=loss_fn, loop=loop, process=process, output_dir=config.output_dir,
                       metadata=metadata, run_config=asdict(config), amp_dtype=amp_dtype(config.amp, process.device),

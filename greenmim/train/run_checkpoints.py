@@ -27,9 +27,8 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from greenmim.checkpoint import WEIGHTS_FILE, load_torch_file
+from greenmim.checkpoint import WEIGHTS_FILE, load_torch_file, save_weights
 
 __all__ = ['STATE_FILE', 'CheckpointWriteError', 'capture_rng_state', 'restore_rng_state', 'save_checkpoint',
            'resolve_checkpoint', 'training_state_file', 'read_training_state']
@@ -140,7 +139,7 @@ def save_checkpoint(
     final, tmp = root / name, root / f'.{name}.tmp'
     try:
         tmp.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE), metadata)
+        save_weights(weights, tmp / WEIGHTS_FILE, metadata)
         torch.save(training_state, tmp / STATE_FILE)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

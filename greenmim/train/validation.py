@@ -54,7 +54,7 @@ _FRACTION = Bound(0, 1, high_open=True)
 BOUNDS = {
     'batch_size': _POSITIVE_INT, 'accum_iter': _POSITIVE_INT, 'epochs': _POSITIVE_INT,
     'save_every': _POSITIVE_INT, 'log_every': _POSITIVE_INT, 'keep_last': _POSITIVE_INT,
-    'input_size': _POSITIVE_INT, 'decoder_dim': _POSITIVE_INT, 'decoder_depth': _POSITIVE_INT,
+    'input_size': Bound(1, integer=True, optional=True), 'decoder_dim': _POSITIVE_INT, 'decoder_depth': _POSITIVE_INT,
     'vis_images': _POSITIVE_INT, 'min_image_size': _POSITIVE_INT,
     'max_steps': Bound(1, integer=True, optional=True), 'epoch_size': Bound(1, integer=True, optional=True),
     'num_classes': Bound(2, integer=True, optional=True),
