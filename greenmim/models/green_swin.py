@@ -5,7 +5,7 @@ inference are plain timm. :meth:`GreenSwinTransformer.forward_visible` runs the 
 batch-wise or per-image mask of 32x32-pixel units only: patch embedding of visible 4x4 patches, group window
 attention over packed windows (see :mod:`greenmim.grouping`), and patch merging of all-visible 2x2 neighbourhoods.
 """
-from typing import List, Sequence
+from typing import List
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -19,13 +19,15 @@ from greenmim.kernels import group_window_attention
 from greenmim.masking import upsample_mask
 from greenmim.models.family import ModelFamily, register_family
 from greenmim.models.manifest import pretrained_cfgs
-from greenmim.models.visible import VisibleEncoderMixin, gather_children
+from greenmim.models.visible import VisibleEncoderMixin
 
-__all__ = ['GreenSwinTransformer']
+__all__ = ['GreenSwinTransformer', 'SwinVisibleMixin']
 
 
-class GreenSwinTransformer(VisibleEncoderMixin, SwinTransformer):
-    """timm ``SwinTransformer`` plus :meth:`forward_visible` (GreenMIM pre-training on visible tokens)."""
+class SwinVisibleMixin(VisibleEncoderMixin):
+    """What Swin V1 and V2 share on visible tokens: timm's ``patch_embed``, ``layers`` of stages (``downsample``,
+    ``blocks`` with ``window_size`` / ``shift_size``, ``grad_checkpointing``) and ``norm``. A Swin-like family says
+    how its patch merging (:meth:`_merge_visible`) and its blocks (:meth:`_block_visible`) run on visible tokens."""
 
     def first_patch_embed(self) -> nn.Module:
         return self.patch_embed
@@ -44,6 +46,29 @@ class GreenSwinTransformer(VisibleEncoderMixin, SwinTransformer):
             ))
         return specs
 
+    def _block_visible(self, block: nn.Module, x: torch.Tensor, layout: StageLayout) -> torch.Tensor:
+        """One block of a stage on its visible tokens ``[B, N, C]``."""
+        raise NotImplementedError
+
+    def _stage_visible(self, stage: int, x: torch.Tensor, layout: StageLayout) -> torch.Tensor:
+        layer = self.layers[stage]
+        for block in layer.blocks:
+            if layer.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(self._block_visible, block, x, layout, use_reentrant=False)
+            else:
+                x = self._block_visible(block, x, layout)
+        return x
+
+    def forward_masked_dense(self, x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)  # [B, Rh, Rw, E]
+        visible = upsample_mask(mask, x.shape[1] // mask.shape[-2])  # [Rh, Rw] or per image [B, Rh, Rw]
+        x = torch.where(visible.view(-1, *visible.shape[-2:], 1), x, mask_token.to(x.dtype))
+        return self.norm(self.layers(x)).permute(0, 3, 1, 2)
+
+
+class GreenSwinTransformer(SwinVisibleMixin, SwinTransformer):
+    """timm ``SwinTransformer`` plus :meth:`forward_visible` (GreenMIM pre-training on visible tokens)."""
+
     @staticmethod
     def _attention_visible(attn: nn.Module, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
         """timm ``WindowAttention`` on visible tokens ``[B, N, C]`` through the group layout."""
@@ -60,32 +85,10 @@ class GreenSwinTransformer(VisibleEncoderMixin, SwinTransformer):
         x = x + block.drop_path1(self._attention_visible(block.attn, block.norm1(x), attn_layout))
         return x + block.drop_path2(block.mlp(block.norm2(x)))
 
-    def _encode_visible(self, x: torch.Tensor, layout: Sequence[StageLayout]) -> List[torch.Tensor]:
-        """Encode the visible tokens only (:meth:`VisibleEncoderMixin.forward_visible`): per-stage ``[B, N_s, C_s]``,
-        timm's dense forward at those tokens when window attention also masks the keys of masked tokens."""
-        outputs = []
-        for stage, stage_layout in zip(self.layers, layout):
-            if stage_layout.merge_index is None:
-                x = self.embed_visible_patches(x, stage_layout)
-            else:  # PatchMerging of each token's 2x2 children, x00 x10 x01 x11
-                merge = stage.downsample
-                x = merge.reduction(merge.norm(gather_children(x, stage_layout.merge_index)))
-            for block in stage.blocks:
-                if stage.grad_checkpointing and torch.is_grad_enabled():
-                    x = checkpoint(self._block_visible, block, x, stage_layout, use_reentrant=False)
-                else:
-                    x = self._block_visible(block, x, stage_layout)
-            outputs.append(x)
-        return outputs
-
-    def forward_masked_dense(self, x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
-        """Dense forward of images ``[B, C, H, W]`` with the patch embeddings of masked units (``mask``, bool
-        ``[Hm, Wm]`` or per image ``[B, Hm, Wm]``, True = visible) replaced by ``mask_token [E]`` (SimMIM): the
-        final-stage features after the final norm, ``[B, C_out, Hm, Wm]``."""
-        x = self.patch_embed(x)  # [B, Rh, Rw, E]
-        visible = upsample_mask(mask, x.shape[1] // mask.shape[-2])  # [Rh, Rw] or per image [B, Rh, Rw]
-        x = torch.where(visible.view(-1, *visible.shape[-2:], 1), x, mask_token.to(x.dtype))
-        return self.norm(self.layers(x)).permute(0, 3, 1, 2)
+    def _merge_visible(self, stage: int, children: torch.Tensor) -> torch.Tensor:
+        """timm ``PatchMerging`` (norm, then reduction) of each token's 2x2 children, x00 x10 x01 x11."""
+        merge = self.layers[stage].downsample
+        return merge.reduction(merge.norm(children))
 
 
 def _create_green_swin(variant: str, pretrained: bool = False, **kwargs) -> GreenSwinTransformer:

@@ -13,7 +13,7 @@ plain timm. With 32x32-pixel mask units every strided convolution of Twins lines
 - the position encoding generator (``PosConv``, depthwise 3x3 after the first block of a stage) with its residual:
   a submanifold convolution (:func:`greenmim.kernels.sparse_depthwise_conv`), masked neighbours contributing zero.
 """
-from typing import List, Sequence
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -97,24 +97,20 @@ class GreenTwins(VisibleEncoderMixin, Twins):
         tokens = x.flatten(0, 1)
         return (sparse_depthwise_conv(tokens, layout.neighbours, conv.weight, conv.bias) + tokens).view_as(x)
 
-    def _encode_visible(self, x: torch.Tensor, layout: Sequence[StageLayout]) -> List[torch.Tensor]:
-        """Encode the visible tokens only (:meth:`VisibleEncoderMixin.forward_visible`): per-stage ``[B, N_s, C_s]``,
-        timm's dense forward at those tokens when masked tokens are zeroed before each position encoding and kept
-        out of the keys of every attention."""
-        outputs = []
-        for embed, drop, blocks, pos_block, stage_layout in zip(
-                self.patch_embeds, self.pos_drops, self.blocks, self.pos_block, layout):
-            if stage_layout.merge_index is None:
-                x = self.embed_visible_patches(x, stage_layout)
-            else:  # strided patch embedding of each token's 2x2 children
-                x = embed.norm(_conv_as_linear(embed.proj, gather_children(x, stage_layout.merge_index)))
-            x = drop(x)
-            for j, block in enumerate(blocks):
-                x = self._block_visible(block, x, stage_layout)
-                if j == 0:
-                    x = self._pos_conv_visible(pos_block, x, stage_layout)
-            outputs.append(x)
-        return outputs
+    def _merge_visible(self, stage: int, children: torch.Tensor) -> torch.Tensor:
+        """Strided patch embedding (kernel = stride = 2) of each token's 2x2 children, in raster order."""
+        embed = self.patch_embeds[stage]
+        return embed.norm(_conv_as_linear(embed.proj, children))
+
+    def _stage_visible(self, stage: int, x: torch.Tensor, layout: StageLayout) -> torch.Tensor:
+        """The stage's position dropout and blocks on visible tokens, the position encoding after the first block
+        (masked tokens count as zeros before each position encoding)."""
+        x = self.pos_drops[stage](x)
+        for j, block in enumerate(self.blocks[stage]):
+            x = self._block_visible(block, x, layout)
+            if j == 0:
+                x = self._pos_conv_visible(self.pos_block[stage], x, layout)
+        return x
 
     def forward_masked_dense(self, x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
         """Dense forward of images ``[B, C, H, W]`` with the patch embeddings of masked units (``mask``, bool
