@@ -5,6 +5,7 @@ inference are plain timm. :meth:`GreenSwinTransformer.forward_visible` runs the 
 batch-wise or per-image mask of 32x32-pixel units only: patch embedding of visible 4x4 patches, group window
 attention over packed windows (see :mod:`greenmim.grouping`), and patch merging of all-visible 2x2 neighbourhoods.
 """
+import math
 from typing import List
 
 import torch
@@ -14,6 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from greenmim.checkpoint import check_patch_not_resampled
 from greenmim.grouping import AttentionLayout, StageLayout, StageSpec
 from greenmim.kernels import group_window_attention
 from greenmim.masking import upsample_mask
@@ -112,6 +114,19 @@ def _cfg(**kwargs):
     }
 
 
+def _check_not_resampled(state_dict, model: GreenSwinTransformer) -> None:
+    """Raise ``ValueError`` for weights of another patch or window size (timm's filter would resample the patch
+    embedding and the relative-position tables to fit); the message names the size to pass."""
+    check_patch_not_resampled(state_dict, model)
+    reference = model.state_dict()
+    for k, v in state_dict.items():
+        if k.endswith('relative_position_bias_table') and k in reference and v.shape != reference[k].shape:
+            window = (math.isqrt(v.shape[0]) + 1) // 2
+            raise ValueError(f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(reference[k].shape)}: the checkpoint '
+                             f'uses window_size={window} and {v.shape[1]} heads: pass them as model kwargs, e.g. '
+                             f'\'{{"window_size": {window}}}\' (the tables are not resampled)')
+
+
 def _describe(model: GreenSwinTransformer) -> str:
     widths = '/'.join(str(stage.blocks[0].dim) for stage in model.layers)
     depths = '/'.join(str(len(stage.blocks)) for stage in model.layers)
@@ -121,7 +136,8 @@ def _describe(model: GreenSwinTransformer) -> str:
 SWIN = register_family(ModelFamily(
     name='Swin Transformer', hub_tag='swin-transformer', model_class=GreenSwinTransformer,
     models=tuple(f'green_swin_{size}' for size in ('tiny', 'small', 'base', 'large')),
-    original_to_timm=checkpoint_filter_fn, describe=_describe, features_shape='[1, H/32, W/32, C]'))
+    original_to_timm=checkpoint_filter_fn, check_not_resampled=_check_not_resampled, describe=_describe,
+    features_shape='[1, H/32, W/32, C]'))
 
 default_cfgs = generate_default_cfgs(pretrained_cfgs(SWIN.models, _cfg()))
 

@@ -27,6 +27,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.swin_transformer_v2 import SwinTransformerV2, checkpoint_filter_fn
 from torch import nn
 
+from greenmim.checkpoint import check_patch_not_resampled
 from greenmim.grouping import AttentionLayout, StageLayout
 from greenmim.kernels import group_window_attention
 from greenmim.models.family import ModelFamily, register_family
@@ -97,6 +98,26 @@ def _cfg(**kwargs):
     }
 
 
+def _check_not_resampled(state_dict, model: GreenSwinTransformerV2) -> None:
+    """Raise ``ValueError`` for weights of another patch size, or (original layout, which saves every attention's
+    ``relative_coords_table``) another window or pretrained window than ``model``'s: timm's filter drops those
+    tables and loads the position-bias MLPs into any window, which changes the biases they compute."""
+    check_patch_not_resampled(state_dict, model)
+    buffers = dict(model.named_buffers())
+    for k, v in state_dict.items():
+        if not k.endswith('relative_coords_table') or k not in buffers:
+            continue
+        ours = buffers[k]
+        if v.shape != ours.shape:
+            window = (v.shape[1] + 1) // 2
+            raise ValueError(f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(ours.shape)}: the checkpoint uses '
+                             f'window_size={window} there: pass it as a model kwarg, e.g. '
+                             f'\'{{"window_size": {window}}}\' (the position bias is not moved to another window)')
+        if not torch.allclose(v.float(), ours.float(), atol=1e-5):
+            raise ValueError(f'{k}: the checkpoint normalises relative coordinates by another pretrained window '
+                             'than the model: pass its pretrained_window_sizes as a model kwarg')
+
+
 def _describe(model: GreenSwinTransformerV2) -> str:
     widths = '/'.join(str(stage.blocks[0].dim) for stage in model.layers)
     depths = '/'.join(str(len(stage.blocks)) for stage in model.layers)
@@ -130,8 +151,8 @@ def _variant_cfgs() -> Dict[str, dict]:
 
 SWINV2 = register_family(ModelFamily(
     name='Swin Transformer V2', hub_tag='swin-transformer-v2', model_class=GreenSwinTransformerV2,
-    models=tuple(_VARIANTS), original_to_timm=checkpoint_filter_fn, describe=_describe,
-    features_shape='[1, H/32, W/32, C]'))
+    models=tuple(_VARIANTS), original_to_timm=checkpoint_filter_fn, check_not_resampled=_check_not_resampled,
+    describe=_describe, features_shape='[1, H/32, W/32, C]'))
 
 default_cfgs = generate_default_cfgs(_variant_cfgs())
 

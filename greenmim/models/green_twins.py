@@ -22,6 +22,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn, Twins
 from torch import nn
 
+from greenmim.checkpoint import check_patch_not_resampled
 from greenmim.grouping import StageLayout, StageSpec
 from greenmim.kernels import group_window_attention, sparse_depthwise_conv
 from greenmim.masking import upsample_mask
@@ -139,6 +140,11 @@ def _original_to_timm(state_dict, model):
     return state_dict
 
 
+def _check_not_resampled(state_dict, model: GreenTwins) -> None:
+    """Twins' only resampled weight would be the pixel patch embedding (timm's Twins filter resamples nothing)."""
+    check_patch_not_resampled(state_dict, model, 'patch_embeds.0.proj.weight')
+
+
 def _create_green_twins(variant: str, pretrained: bool = False, **kwargs) -> GreenTwins:
     out_indices = kwargs.pop('out_indices', 4)
     return build_model_with_cfg(
@@ -171,7 +177,8 @@ def _describe(model: GreenTwins) -> str:
 TWINS = register_family(ModelFamily(
     name='Twins', hub_tag='twins', model_class=GreenTwins,
     models=tuple(f'green_twins_{kind}_{size}' for kind in ('svt', 'pcpvt') for size in ('small', 'base', 'large')),
-    original_to_timm=_original_to_timm, describe=_describe, features_shape='[1, H/32 * W/32, C]'))
+    original_to_timm=_original_to_timm, check_not_resampled=_check_not_resampled, describe=_describe,
+    features_shape='[1, H/32 * W/32, C]'))
 
 default_cfgs = generate_default_cfgs(pretrained_cfgs(TWINS.models, _cfg()))
 
