@@ -23,7 +23,7 @@ from greenmim.models.family import ModelFamily, register_family
 from greenmim.models.manifest import pretrained_cfgs
 from greenmim.models.visible import VisibleEncoderMixin
 
-__all__ = ['GreenSwinTransformer', 'SwinVisibleMixin']
+__all__ = ['GreenSwinTransformer', 'SwinVisibleMixin', 'create_swin_like', 'swin_cfg']
 
 
 class SwinVisibleMixin(VisibleEncoderMixin):
@@ -93,18 +93,20 @@ class GreenSwinTransformer(SwinVisibleMixin, SwinTransformer):
         return merge.reduction(merge.norm(children))
 
 
-def _create_green_swin(variant: str, pretrained: bool = False, **kwargs) -> GreenSwinTransformer:
-    default_out_indices = tuple(i for i, _ in enumerate(kwargs.get('depths', (1, 1, 3, 1))))
-    out_indices = kwargs.pop('out_indices', default_out_indices)
+def create_swin_like(cls: type, variant: str, pretrained: bool, filter_fn, **kwargs) -> nn.Module:
+    """``build_model_with_cfg`` of a Swin-like green model ``cls`` (timm's Swin / SwinV2 feature and filter set-up:
+    every stage a feature, ``filter_fn`` the original-to-timm checkpoint filter)."""
+    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (1, 1, 1, 1))))))
     return build_model_with_cfg(
-        GreenSwinTransformer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        cls, variant, pretrained,
+        pretrained_filter_fn=filter_fn,
         feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
         **kwargs)
 
 
-def _cfg(**kwargs):
-    """timm pretrained cfg shared by every green Swin tag (the weights source comes from the release manifest)."""
+def swin_cfg(**kwargs):
+    """timm pretrained cfg shared by every Swin-like green tag (the weights source comes from the release manifest);
+    ``kwargs`` override it (another ``input_size`` and ``pool_size``)."""
     return {
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
@@ -112,6 +114,10 @@ def _cfg(**kwargs):
         'first_conv': 'patch_embed.proj', 'classifier': 'head.fc',
         **kwargs,
     }
+
+
+def _create_green_swin(variant: str, pretrained: bool = False, **kwargs) -> GreenSwinTransformer:
+    return create_swin_like(GreenSwinTransformer, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 def _check_not_resampled(state_dict, model: GreenSwinTransformer) -> None:
@@ -139,7 +145,7 @@ SWIN = register_family(ModelFamily(
     original_to_timm=checkpoint_filter_fn, check_not_resampled=_check_not_resampled, describe=_describe,
     features_shape='[1, H/32, W/32, C]'))
 
-default_cfgs = generate_default_cfgs(pretrained_cfgs(SWIN.models, _cfg()))
+default_cfgs = generate_default_cfgs(pretrained_cfgs(SWIN.models, swin_cfg()))
 
 
 @register_model

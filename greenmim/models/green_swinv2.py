@@ -22,8 +22,7 @@ from typing import Dict
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer_v2 import SwinTransformerV2, checkpoint_filter_fn
 from torch import nn
 
@@ -31,7 +30,7 @@ from greenmim.checkpoint import check_patch_not_resampled
 from greenmim.grouping import AttentionLayout, StageLayout
 from greenmim.kernels import group_window_attention
 from greenmim.models.family import ModelFamily, register_family
-from greenmim.models.green_swin import SwinVisibleMixin
+from greenmim.models.green_swin import SwinVisibleMixin, create_swin_like, swin_cfg
 from greenmim.models.manifest import pretrained_cfgs
 
 __all__ = ['GreenSwinTransformerV2']
@@ -75,27 +74,6 @@ class GreenSwinTransformerV2(SwinVisibleMixin, SwinTransformerV2):
         """timm V2 ``PatchMerging`` (reduction, then norm) of each token's 2x2 children, x00 x10 x01 x11."""
         merge = self.layers[stage].downsample
         return merge.norm(merge.reduction(children))
-
-
-def _create_green_swinv2(variant: str, pretrained: bool = False, **kwargs) -> GreenSwinTransformerV2:
-    default_out_indices = tuple(i for i, _ in enumerate(kwargs.get('depths', (1, 1, 1, 1))))
-    out_indices = kwargs.pop('out_indices', default_out_indices)
-    return build_model_with_cfg(
-        GreenSwinTransformerV2, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
-        **kwargs)
-
-
-def _cfg(**kwargs):
-    """timm pretrained cfg shared by every green SwinV2 tag (the weights source comes from the release manifest)."""
-    return {
-        'num_classes': 1000, 'input_size': (3, 256, 256), 'pool_size': (8, 8),
-        'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj', 'classifier': 'head.fc',
-        **kwargs,
-    }
 
 
 def _check_not_resampled(state_dict, model: GreenSwinTransformerV2) -> None:
@@ -145,7 +123,7 @@ def _variant_cfgs() -> Dict[str, dict]:
     cfgs = {}
     for px in sorted({v[3] for v in _VARIANTS.values()}):
         names = [name for name, v in _VARIANTS.items() if v[3] == px]
-        cfgs.update(pretrained_cfgs(names, _cfg(input_size=(3, px, px), pool_size=(px // 32, px // 32))))
+        cfgs.update(pretrained_cfgs(names, swin_cfg(input_size=(3, px, px), pool_size=(px // 32, px // 32))))
     return cfgs
 
 
@@ -161,7 +139,7 @@ def _create_variant(name: str, pretrained: bool, **kwargs) -> GreenSwinTransform
     size, window, extra, _ = _VARIANTS[name]
     embed_dim, depths, num_heads = _SIZES[size]
     args = dict(window_size=window, embed_dim=embed_dim, depths=depths, num_heads=num_heads, **extra)
-    return _create_green_swinv2(name, pretrained=pretrained, **dict(args, **kwargs))
+    return create_swin_like(GreenSwinTransformerV2, name, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
 
 
 @register_model
