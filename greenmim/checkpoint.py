@@ -25,7 +25,6 @@ the wrapper from there. Nothing else depends on ``format`` or ``kind``: a MIM ch
 import argparse
 import hashlib
 import json
-import math
 import os
 import pickle
 import re
@@ -40,7 +39,7 @@ from torch import nn
 __all__ = [
     'WEIGHTS_FILE', 'DECODER_FILE', 'FORMAT', 'KINDS', 'weights_metadata', 'wrapper_metadata', 'is_mim_state_dict',
     'split_mim_state_dict', 'read_checkpoint', 'check_written_for', 'verify_state_dict', 'load_verified',
-    'sha256_file', 'load_torch_file', 'read_model_config', 'check_not_resampled', 'HUB_CONFIG_FILE',
+    'sha256_file', 'load_torch_file', 'read_model_config', 'check_patch_not_resampled', 'HUB_CONFIG_FILE',
     'save_weights', 'follow_umask',
 ]
 
@@ -209,26 +208,18 @@ def verify_state_dict(state_dict: Mapping[str, torch.Tensor], reference: Mapping
                      + '. Was it written for another model or model size?')
 
 
-def check_not_resampled(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
-    """Raise ``ValueError`` when ``state_dict`` was made for another patch or window size than ``model``: timm's
-    checkpoint filters silently resample patch embeddings and relative-position tables to fit, which changes what
-    the weights compute. The message names the size to pass. (Other shape differences are left to
-    :func:`verify_state_dict`, which lists them.)"""
+def check_patch_not_resampled(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
+                               key: str = 'patch_embed.proj.weight') -> None:
+    """Raise ``ValueError`` when ``state_dict`` holds the pixel patch embedding ``key`` for another patch size than
+    ``model``'s: timm's checkpoint filters silently resample it to fit, which changes what the weights compute. The
+    message names the size to pass. Each family's ``check_not_resampled`` (:class:`greenmim.models.ModelFamily`)
+    starts with this and adds its own resampled tables."""
     reference = model.state_dict()
-    resized = [k for k, v in state_dict.items() if k in reference and v.shape != reference[k].shape]
-    patch = 'patch_embed.proj.weight'
-    if patch in resized and state_dict[patch].shape[-2:] != reference[patch].shape[-2:]:
-        v = state_dict[patch]
-        raise ValueError(f'{patch}: checkpoint {tuple(v.shape)} vs model {tuple(reference[patch].shape)}: the '
+    if key in state_dict and key in reference and state_dict[key].shape[-2:] != reference[key].shape[-2:]:
+        v = state_dict[key]
+        raise ValueError(f'{key}: checkpoint {tuple(v.shape)} vs model {tuple(reference[key].shape)}: the '
                          f'checkpoint uses patch size {tuple(v.shape[-2:])}: pass patch_size={v.shape[-1]} (it is '
                          'not resampled)')
-    for k in resized:
-        if k.endswith('relative_position_bias_table'):
-            v = state_dict[k]
-            window = (math.isqrt(v.shape[0]) + 1) // 2
-            raise ValueError(f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(reference[k].shape)}: the checkpoint '
-                             f'uses window_size={window} and {v.shape[1]} heads: pass them as model kwargs, e.g. '
-                             f'\'{{"window_size": {window}}}\' (the tables are not resampled)')
 
 
 def load_verified(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, source=None,

@@ -26,7 +26,7 @@ run in DataLoader workers (:func:`pack_layout` / :func:`layout_to`: one buffer, 
 import functools
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch

@@ -32,8 +32,7 @@ import torch
 from torch import nn
 
 from greenmim.checkpoint import (
-    check_not_resampled, is_mim_state_dict, read_checkpoint, save_weights, split_mim_state_dict, verify_state_dict,
-    weights_metadata)
+    is_mim_state_dict, read_checkpoint, save_weights, split_mim_state_dict, verify_state_dict, weights_metadata)
 from greenmim.mim import GreenMIM, SimMIM
 from greenmim.models.family import family_of
 from greenmim.train.config import add_model_kwargs_argument
@@ -131,7 +130,7 @@ def convert_state_dict(
     family = family_of(encoder_model)
     if family is None:
         raise ValueError(f'{model_name} is not a green model: convert writes checkpoints of green_* models')
-    check_not_resampled(encoder, encoder_model)
+    family.check_not_resampled(encoder, encoder_model)
     encoder = family.original_to_timm(encoder, encoder_model)
     if merge_order == 'early':
         encoder = swap_merge_order(encoder)

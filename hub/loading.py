@@ -17,7 +17,7 @@ from timm.models import parse_model_name
 from torch import nn
 
 from greenmim.checkpoint import (
-    DECODER_FILE, WEIGHTS_FILE, check_not_resampled, read_checkpoint, read_model_config, sha256_file, verify_state_dict)
+    DECODER_FILE, WEIGHTS_FILE, read_checkpoint, read_model_config, sha256_file, verify_state_dict)
 from greenmim.mim import mim_from_metadata
 from greenmim.offline import hub_reachable
 
@@ -94,12 +94,6 @@ def _overlay(pretrained_cfg_overlay: Optional[Dict[str, Any]]) -> Optional[Dict[
     return overlay or None
 
 
-def _pretrained_filter(model: nn.Module):
-    """The checkpoint filter timm applies for this model's family (original-layout keys -> timm's)."""
-    family = family_of(model)
-    return family.original_to_timm if family is not None else (lambda state_dict, _: state_dict)
-
-
 def _check_published_file(pretrained_cfg: Dict[str, Any], path: Path, digest_field: str = 'sha256') -> None:
     """A file downloaded for a published release must be the file that was published: its sha256 must be the
     release's ``digest_field`` (``sha256`` for the weights, ``decoder_sha256`` for the MIM decoder)."""
@@ -148,8 +142,10 @@ def load_pretrained(
     path = resolve_weights(pretrained_cfg)
     _check_published_file(pretrained_cfg, path)
     state_dict = read_checkpoint(path)[0]
-    check_not_resampled(state_dict, model)  # before timm's filter would resample it
-    state_dict = _pretrained_filter(model)(state_dict, model)
+    family = family_of(model)
+    if family is not None:  # the size check before the family's filter (timm's) would resample to fit
+        family.check_not_resampled(state_dict, model)
+        state_dict = family.original_to_timm(state_dict, model)
     reference = model.state_dict()
     classifier = pretrained_cfg.get('classifier')
     if classifier and pretrained_cfg.get('num_classes') != model.num_classes:  # adapting the head, as timm does

@@ -3,6 +3,9 @@
 Swin: timm's own dense modules (patch embedding, patch merging, window partitioning, WindowAttention) on the full
 token grid; each window attention gets Swin's shift mask plus a mask on the keys of masked tokens.
 
+SwinV2: the same with timm's V2 modules (its PatchMerging, its WindowAttention with cosine attention and the
+continuous position bias, the res-post-norm residuals ``x + norm1(attn(x))``, ``x + norm2(mlp(x))``).
+
 Twins: timm's modules (patch embeddings, the q/kv/qkv/proj linears, the sub-sampling conv and its norm, PosConv
 with its residual, MLPs) on the full token grid; masked tokens are zeroed before each PosConv, and every attention
 (windows of the full grid; global attention over all sub-sampled cells) gets a mask on the keys of masked tokens
@@ -30,24 +33,32 @@ def assert_stages_close(ours, dense, tol=1e-5):
         assert rel_err(o, d) < tol
 
 
-def _dense_block(block, x, visible):
-    b, h, w, c = x.shape
+def _dense_window_attention(block, y, visible):
+    """``block.attn`` over the (shifted) windows of ``y [B, H, W, C]``, Swin's shift mask plus masked keys."""
+    b, h, w, c = y.shape
     (sh, sw), (wh, ww) = block.shift_size, block.window_size
-    y = torch.roll(block.norm1(x), (-sh, -sw), (1, 2))
+    y = torch.roll(y, (-sh, -sw), (1, 2))
     vis = torch.roll(visible, (-sh, -sw), (0, 1))
     windows = window_partition(y, (wh, ww)).reshape(-1, wh * ww, c)
-    vis_windows = window_partition(vis[None, :, :, None].to(x.dtype), (wh, ww)).reshape(-1, wh * ww)
+    vis_windows = window_partition(vis[None, :, :, None].to(y.dtype), (wh, ww)).reshape(-1, wh * ww)
     mask = ((1 - vis_windows) * KEY_MASK)[:, None, :].expand(-1, wh * ww, -1)
     if block.attn_mask is not None:
-        mask = mask + block.attn_mask.to(x.dtype)
+        mask = mask + block.attn_mask.to(y.dtype)
     out = block.attn(windows, mask=mask)
-    y = torch.roll(window_reverse(out.reshape(-1, wh, ww, c), (wh, ww), h, w), (sh, sw), (1, 2))
-    x = x + y
+    return torch.roll(window_reverse(out.reshape(-1, wh, ww, c), (wh, ww), h, w), (sh, sw), (1, 2))
+
+
+def _dense_block(block, x, visible):
+    x = x + _dense_window_attention(block, block.norm1(x), visible)
     return x + block.mlp(block.norm2(x))
 
 
-def dense_key_masked_stages(model, images, mask):
-    """Stage outputs ``[B, N_s, C_s]`` at the visible tokens (raster order), computed densely."""
+def _dense_v2_block(block, x, visible):
+    x = x + block.norm1(_dense_window_attention(block, x, visible))
+    return x + block.norm2(block.mlp(x))
+
+
+def _dense_swin_stages(model, images, mask, block_fn):
     x = model.patch_embed(images)
     outputs = []
     for stage in model.layers:
@@ -55,9 +66,19 @@ def dense_key_masked_stages(model, images, mask):
         f = x.shape[1] // mask.shape[0]
         visible = mask.repeat_interleave(f, 0).repeat_interleave(f, 1)
         for block in stage.blocks:
-            x = _dense_block(block, x, visible)
+            x = block_fn(block, x, visible)
         outputs.append(x[:, visible])
     return outputs
+
+
+def dense_key_masked_stages(model, images, mask):
+    """Stage outputs ``[B, N_s, C_s]`` at the visible tokens (raster order), computed densely."""
+    return _dense_swin_stages(model, images, mask, _dense_block)
+
+
+def dense_swinv2_key_masked_stages(model, images, mask):
+    """SwinV2 stage outputs ``[B, N_s, C_s]`` at the visible tokens (raster order), computed densely."""
+    return _dense_swin_stages(model, images, mask, _dense_v2_block)
 
 
 def _key_mask(key_visible, dtype):

@@ -7,15 +7,10 @@ import greenmim
 from greenmim.masking import random_mask
 from greenmim.checkpoint import split_mim_state_dict
 from greenmim.mim import patchify, unpatchify
-from dense_reference import dense_key_masked_stages, dense_twins_key_masked_stages
+from families import FAMILIES
 
 
-TWINS_SMALL = dict(embed_dims=(8, 16, 32, 64), depths=(2, 2, 2, 2))  # green_twins_svt_small, narrower and shallower
-ENCODERS = {  # name: (kwargs, the dense computation of its stage outputs)
-    'green_swin_tiny': ({}, dense_key_masked_stages),
-    'green_twins_svt_small': (TWINS_SMALL, dense_twins_key_masked_stages),
-    'green_twins_pcpvt_small': (dict(TWINS_SMALL, embed_dims=(8, 16, 40, 64)), dense_twins_key_masked_stages),
-}
+ENCODERS = {f.model: (f.at_224, f.dense) for f in FAMILIES}  # name: (kwargs at 224 px, the dense reference)
 
 
 def _green(name='green_swin_tiny', **kwargs):
@@ -149,7 +144,7 @@ def test_wrappers_accept_instances_and_reject_others():
 def test_split_state_dict():
     mim = _green()
     encoder, decoder = split_mim_state_dict(mim.state_dict())
-    timm.create_model('green_swin_tiny', num_classes=0).load_state_dict(encoder)
+    timm.create_model('green_swin_tiny', num_classes=0, **ENCODERS['green_swin_tiny'][0]).load_state_dict(encoder)
     assert 'mask_token' in decoder and not any(k.startswith('encoder.') for k in decoder)
 
 

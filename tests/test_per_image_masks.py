@@ -21,11 +21,15 @@ from greenmim.masking import check_mask, random_mask
 from greenmim.train import pretrain
 from greenmim.train.data import MaskCollate
 from greenmim.train.reconstruction import reconstruct
-from dense_reference import dense_key_masked_stages, dense_twins_key_masked_stages, rel_err
-from test_visible_contract import SMALL, _model
+from dense_reference import rel_err
+from families import BY_MODEL, FAMILIES, dense_stages, perturbed
 from train_fixtures import copy_photos, tiny_pretrain_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def _model(name):
+    return perturbed(name, **BY_MODEL[name].small)
+
+
 # four different 2x2 masks with two visible units each
 MASKS = torch.tensor([[[1, 0], [0, 1]], [[1, 1], [0, 0]], [[0, 1], [1, 0]], [[0, 0], [1, 1]]], dtype=torch.bool)
 
@@ -181,39 +185,26 @@ def test_mask_collate_and_layout_to():
 
 
 # ------------------------------------------------------------------------------------------------ encoders
-def _dense(model, images, mask):
-    reference = dense_key_masked_stages if 'swin' in type(model).__name__.lower() else dense_twins_key_masked_stages
-    return reference(model, images, mask)
-
-
 def _check_per_image(model, images, masks):
     with torch.no_grad():
         ours = model.forward_visible(images, masks)
         for b in range(len(images)):
             alone = model.forward_visible(images[b:b + 1], masks[b])
-            dense = _dense(model, images[b:b + 1], masks[b])
+            dense = dense_stages(model, images[b:b + 1], masks[b])
             for o, a, d in zip(ours, alone, dense, strict=True):
                 assert rel_err(o[b:b + 1], a) < 1e-5 and rel_err(o[b:b + 1], d) < 1e-5
 
 
-@pytest.mark.parametrize('name', sorted(SMALL))
+@pytest.mark.parametrize('name', sorted(BY_MODEL))
 def test_forward_visible_per_image_equals_each_image_alone_and_dense(name, backend):
     model = _model(name)
     _check_per_image(model, torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)), MASKS)
 
 
-@pytest.mark.parametrize('name,kwargs', [
-    ('green_swin_tiny', dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))),
-    ('green_twins_svt_small', dict(embed_dims=(8, 16, 32, 64), depths=(2, 2, 3, 2))),
-    ('green_twins_pcpvt_small', dict(embed_dims=(8, 16, 40, 64), depths=(2, 2, 3, 2))),
-])
-def test_forward_visible_per_image_at_224(name, kwargs):
+@pytest.mark.parametrize('family', FAMILIES, ids=lambda f: f.model)
+def test_forward_visible_per_image_at_224(family):
     """7x7 mask grid, window 7 (shifted for Swin), ratio 0.75, the torch backend."""
-    torch.manual_seed(0)
-    model = timm.create_model(name, **kwargs).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = perturbed(family.model, **family.at_224)
     gen = torch.Generator().manual_seed(3)
     _check_per_image(model, torch.randn(3, 3, 224, 224, generator=gen), random_mask((7, 7), 0.75, gen, 3))
 

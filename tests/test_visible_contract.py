@@ -11,35 +11,24 @@ import torch
 import greenmim
 from greenmim.masking import random_mask
 from dense_reference import assert_stages_close
+from families import FAMILIES, ORIGINALS, perturbed
 
-ORIGINALS = {  # green model: timm's model of the same layout
-    **{f'green_swin_{size}': f'swin_{size}_patch4_window7_224' for size in ('tiny', 'small', 'base', 'large')},
-    **{f'green_twins_{kind}_{size}': f'twins_{kind}_{size}' for kind in ('svt', 'pcpvt')
-       for size in ('small', 'base', 'large')},
-}
-SMALL = {  # one model per family and kind, narrowed to 64 px (stage grids 16/8/4/2 under a 2x2 mask grid)
-    'green_swin_tiny': dict(img_size=64, window_size=2, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4)),
-    'green_twins_svt_small': dict(img_size=64, wss=(2, 2, 2, 2), embed_dims=(8, 16, 16, 32), depths=(2, 2, 2, 2),
-                                  num_heads=(1, 2, 2, 4)),
-    'green_twins_pcpvt_small': dict(img_size=64, embed_dims=(8, 16, 16, 32), depths=(2, 2, 2, 2),
-                                    num_heads=(1, 2, 2, 4)),
-}
+SMALL = {f.model: f.small for f in FAMILIES}
 
 
 def _model(name):
-    torch.manual_seed(0)
-    model = timm.create_model(name, **SMALL[name]).eval()
-    with torch.no_grad():  # timm initialises some biases (bias tables, convolutions) to zero or near it
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return perturbed(name, **SMALL[name])
+
+
+def test_every_green_model_has_a_family_row():
+    assert sorted(ORIGINALS) == sorted(timm.list_models('green_*'))
 
 
 @pytest.mark.parametrize('name', sorted(ORIGINALS))
 def test_state_dict_matches_timm(name):
     with torch.device('meta'):
-        ours = timm.create_model(name)
-        ref = timm.create_model(ORIGINALS[name])
+        ours = timm.create_model(name, num_classes=1000)
+        ref = timm.create_model(ORIGINALS[name], num_classes=1000)  # timm's 192 px SwinV2: in22k heads
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
         k: tuple(v.shape) for k, v in ref.state_dict().items()}
 

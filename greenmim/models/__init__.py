@@ -2,6 +2,7 @@
 train/ and hub/ read (:mod:`greenmim.models.family`, :mod:`greenmim.models.manifest`)."""
 from .family import FAMILIES, ModelFamily, family_of
 from .green_swin import GreenSwinTransformer
+from .green_swinv2 import GreenSwinTransformerV2
 from .green_twins import GreenTwins
 
-__all__ = ['GreenSwinTransformer', 'GreenTwins', 'ModelFamily', 'FAMILIES', 'family_of']
+__all__ = ['GreenSwinTransformer', 'GreenSwinTransformerV2', 'GreenTwins', 'ModelFamily', 'FAMILIES', 'family_of']

@@ -25,6 +25,11 @@ class ModelFamily:
         models: the registered model names.
         original_to_timm: ``(state_dict, model) -> state_dict``: the original (authors') key layout to timm's,
             as timm's ``pretrained_filter_fn``.
+        check_not_resampled: ``(state_dict, model) -> None``: raise ``ValueError`` naming the size to pass when the
+            weights (either layout) were made for another patch or window size than ``model``, which
+            ``original_to_timm`` would resample or silently accept (the pixel patch embedding:
+            :func:`greenmim.checkpoint.check_patch_not_resampled`, and the family's position tables); loading and
+            ``convert`` run it before ``original_to_timm``.
         describe: ``model -> str``: the architecture in a line, e.g. ``'widths 96/192/384/768, depths 2/2/6/2'``.
         features_shape: the shape of ``forward_features`` of one image, e.g. ``'[1, H/32, W/32, C]'``.
     """
@@ -33,6 +38,7 @@ class ModelFamily:
     model_class: type
     models: Tuple[str, ...]
     original_to_timm: Callable[[StateDict, nn.Module], StateDict]
+    check_not_resampled: Callable[[StateDict, nn.Module], None]
     describe: Callable[[nn.Module], str]
     features_shape: str
 

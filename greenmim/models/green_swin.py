@@ -3,8 +3,9 @@
 The architecture, parameter names and dense forward are timm's ``SwinTransformer`` unchanged, so fine-tuning and
 inference are plain timm. :meth:`GreenSwinTransformer.forward_visible` runs the encoder on the visible tokens of a
 batch-wise or per-image mask of 32x32-pixel units only: patch embedding of visible 4x4 patches, group window
-attention over packed windows (see :mod:`greenmim.grouping`), and patch merging of all-visible 2x2 neighbourhoods.
+attention over packed windows (see :mod:`greenmim.layout`), and patch merging of all-visible 2x2 neighbourhoods.
 """
+import math
 from typing import List
 
 import torch
@@ -14,18 +15,21 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from greenmim.checkpoint import check_patch_not_resampled
 from greenmim.kernels import AttentionLayout, group_window_attention
-from greenmim.layout import StageLayout, StageSpec, VisibleLayout
+from greenmim.layout import StageLayout, StageSpec
 from greenmim.masking import upsample_mask
 from greenmim.models.family import ModelFamily, register_family
 from greenmim.models.manifest import pretrained_cfgs, require_weights_source
-from greenmim.models.visible import VisibleEncoderMixin, gather_children
+from greenmim.models.visible import VisibleEncoderMixin
 
-__all__ = ['GreenSwinTransformer']
+__all__ = ['GreenSwinTransformer', 'SwinVisibleMixin', 'create_swin_like', 'swin_cfg']
 
 
-class GreenSwinTransformer(VisibleEncoderMixin, SwinTransformer):
-    """timm ``SwinTransformer`` plus :meth:`forward_visible` (GreenMIM pre-training on visible tokens)."""
+class SwinVisibleMixin(VisibleEncoderMixin):
+    """What Swin V1 and V2 share on visible tokens: timm's ``patch_embed``, ``layers`` of stages (``downsample``,
+    ``blocks`` with ``window_size`` / ``shift_size``, ``grad_checkpointing``) and ``norm``. A Swin-like family says
+    how its patch merging (:meth:`_merge_visible`) and its blocks (:meth:`_block_visible`) run on visible tokens."""
 
     def first_patch_embed(self) -> nn.Module:
         return self.patch_embed
@@ -49,6 +53,29 @@ class GreenSwinTransformer(VisibleEncoderMixin, SwinTransformer):
             ))
         return specs
 
+    def _block_visible(self, block: nn.Module, x: torch.Tensor, layout: StageLayout) -> torch.Tensor:
+        """One block of a stage on its visible tokens ``[B, N, C]``."""
+        raise NotImplementedError
+
+    def _stage_visible(self, stage: int, x: torch.Tensor, layout: StageLayout) -> torch.Tensor:
+        layer = self.layers[stage]
+        for block in layer.blocks:
+            if layer.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(self._block_visible, block, x, layout, use_reentrant=False)
+            else:
+                x = self._block_visible(block, x, layout)
+        return x
+
+    def forward_masked_dense(self, x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)  # [B, Rh, Rw, E]
+        visible = upsample_mask(mask, x.shape[1] // mask.shape[-2])  # [Rh, Rw] or per image [B, Rh, Rw]
+        x = torch.where(visible.view(-1, *visible.shape[-2:], 1), x, mask_token.to(x.dtype))
+        return self.norm(self.layers(x)).permute(0, 3, 1, 2)
+
+
+class GreenSwinTransformer(SwinVisibleMixin, SwinTransformer):
+    """timm ``SwinTransformer`` plus :meth:`forward_visible` (GreenMIM pre-training on visible tokens)."""
+
     @staticmethod
     def _attention_visible(attn: nn.Module, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
         """timm ``WindowAttention`` on visible tokens ``[B, N, C]`` through the group layout."""
@@ -63,47 +90,27 @@ class GreenSwinTransformer(VisibleEncoderMixin, SwinTransformer):
         x = x + block.drop_path1(self._attention_visible(block.attn, block.norm1(x), attn_layout))
         return x + block.drop_path2(block.mlp(block.norm2(x)))
 
-    def _encode_visible(self, x: torch.Tensor, layout: VisibleLayout) -> List[torch.Tensor]:
-        """Encode the visible tokens only (:meth:`VisibleEncoderMixin.forward_visible`): per-stage ``[B, N_s, C_s]``,
-        timm's dense forward at those tokens when window attention also masks the keys of masked tokens."""
-        outputs = []
-        for stage, stage_layout in zip(self.layers, layout.stages):
-            if stage_layout.merge_index is None:
-                x = self.embed_visible_patches(x, stage_layout)
-            else:  # PatchMerging of each token's 2x2 children, x00 x10 x01 x11
-                merge = stage.downsample
-                x = merge.reduction(merge.norm(gather_children(x, stage_layout.merge_index)))
-            for block in stage.blocks:
-                if stage.grad_checkpointing and torch.is_grad_enabled():
-                    x = checkpoint(self._block_visible, block, x, stage_layout, use_reentrant=False)
-                else:
-                    x = self._block_visible(block, x, stage_layout)
-            outputs.append(x)
-        return outputs
-
-    def forward_masked_dense(self, x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
-        """Dense forward of images ``[B, C, H, W]`` with the patch embeddings of masked units (``mask``, bool
-        ``[Hm, Wm]`` or per image ``[B, Hm, Wm]``, True = visible) replaced by ``mask_token [E]`` (SimMIM): the
-        final-stage features after the final norm, ``[B, C_out, Hm, Wm]``."""
-        x = self.patch_embed(x)  # [B, Rh, Rw, E]
-        visible = upsample_mask(mask, x.shape[1] // mask.shape[-2])  # [Rh, Rw] or per image [B, Rh, Rw]
-        x = torch.where(visible.view(-1, *visible.shape[-2:], 1), x, mask_token.to(x.dtype))
-        return self.norm(self.layers(x)).permute(0, 3, 1, 2)
+    def _merge_visible(self, stage: int, children: torch.Tensor) -> torch.Tensor:
+        """timm ``PatchMerging`` (norm, then reduction) of each token's 2x2 children, x00 x10 x01 x11."""
+        merge = self.layers[stage].downsample
+        return merge.reduction(merge.norm(children))
 
 
-def _create_green_swin(variant: str, pretrained: bool = False, **kwargs) -> GreenSwinTransformer:
+def create_swin_like(cls: type, variant: str, pretrained: bool, filter_fn, **kwargs) -> nn.Module:
+    """``build_model_with_cfg`` of a Swin-like green model ``cls`` (timm's Swin / SwinV2 feature and filter set-up:
+    every stage a feature, ``filter_fn`` the original-to-timm checkpoint filter)."""
     require_weights_source(variant, pretrained, kwargs)
-    default_out_indices = tuple(i for i, _ in enumerate(kwargs.get('depths', (1, 1, 3, 1))))
-    out_indices = kwargs.pop('out_indices', default_out_indices)
+    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (1, 1, 1, 1))))))
     return build_model_with_cfg(
-        GreenSwinTransformer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        cls, variant, pretrained,
+        pretrained_filter_fn=filter_fn,
         feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
         **kwargs)
 
 
-def _cfg(**kwargs):
-    """timm pretrained cfg shared by every green Swin tag (the weights source comes from the release manifest)."""
+def swin_cfg(**kwargs):
+    """timm pretrained cfg shared by every Swin-like green tag (the weights source comes from the release manifest);
+    ``kwargs`` override it (another ``input_size`` and ``pool_size``)."""
     return {
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
@@ -111,6 +118,23 @@ def _cfg(**kwargs):
         'first_conv': 'patch_embed.proj', 'classifier': 'head.fc',
         **kwargs,
     }
+
+
+def _create_green_swin(variant: str, pretrained: bool = False, **kwargs) -> GreenSwinTransformer:
+    return create_swin_like(GreenSwinTransformer, variant, pretrained, checkpoint_filter_fn, **kwargs)
+
+
+def _check_not_resampled(state_dict, model: GreenSwinTransformer) -> None:
+    """Raise ``ValueError`` for weights of another patch or window size (timm's filter would resample the patch
+    embedding and the relative-position tables to fit); the message names the size to pass."""
+    check_patch_not_resampled(state_dict, model)
+    reference = model.state_dict()
+    for k, v in state_dict.items():
+        if k.endswith('relative_position_bias_table') and k in reference and v.shape != reference[k].shape:
+            window = (math.isqrt(v.shape[0]) + 1) // 2
+            raise ValueError(f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(reference[k].shape)}: the checkpoint '
+                             f'uses window_size={window} and {v.shape[1]} heads: pass them as model kwargs, e.g. '
+                             f'\'{{"window_size": {window}}}\' (the tables are not resampled)')
 
 
 def _describe(model: GreenSwinTransformer) -> str:
@@ -122,9 +146,10 @@ def _describe(model: GreenSwinTransformer) -> str:
 SWIN = register_family(ModelFamily(
     name='Swin Transformer', hub_tag='swin-transformer', model_class=GreenSwinTransformer,
     models=tuple(f'green_swin_{size}' for size in ('tiny', 'small', 'base', 'large')),
-    original_to_timm=checkpoint_filter_fn, describe=_describe, features_shape='[1, H/32, W/32, C]'))
+    original_to_timm=checkpoint_filter_fn, check_not_resampled=_check_not_resampled, describe=_describe,
+    features_shape='[1, H/32, W/32, C]'))
 
-default_cfgs = generate_default_cfgs(pretrained_cfgs(SWIN.models, _cfg()))
+default_cfgs = generate_default_cfgs(pretrained_cfgs(SWIN.models, swin_cfg()))
 
 
 @register_model

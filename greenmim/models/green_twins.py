@@ -6,7 +6,7 @@ plain timm. With 32x32-pixel mask units every strided convolution of Twins lines
 
 - patch embeddings (kernel = stride = 4, then 2, 2, 2): a GEMM over each visible token's patch or 2x2 children;
 - locally-grouped attention (SVT, window 7, no shift): group window attention without a position bias over the
-  Optimal Grouping layout (:mod:`greenmim.grouping`);
+  Optimal Grouping layout (:mod:`greenmim.layout`);
 - global sub-sampled attention: its stride-``sr`` convolution (``sr`` = 8, 4, 2, 1) is a GEMM over the ``sr x sr``
   tokens of each visible cell (one key/value token per mask unit), and the visible tokens attend to the key/value
   tokens of the visible cells of their own image;
@@ -22,8 +22,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn, Twins
 from torch import nn
 
+from greenmim.checkpoint import check_patch_not_resampled
 from greenmim.kernels import group_window_attention, sparse_depthwise_conv
-from greenmim.layout import StageLayout, StageSpec, VisibleLayout
+from greenmim.layout import StageLayout, StageSpec
 from greenmim.masking import upsample_mask
 from greenmim.models.family import ModelFamily, register_family
 from greenmim.models.manifest import pretrained_cfgs, require_weights_source
@@ -97,24 +98,20 @@ class GreenTwins(VisibleEncoderMixin, Twins):
         tokens = x.flatten(0, 1)
         return (sparse_depthwise_conv(tokens, layout.neighbours, conv.weight, conv.bias) + tokens).view_as(x)
 
-    def _encode_visible(self, x: torch.Tensor, layout: VisibleLayout) -> List[torch.Tensor]:
-        """Encode the visible tokens only (:meth:`VisibleEncoderMixin.forward_visible`): per-stage ``[B, N_s, C_s]``,
-        timm's dense forward at those tokens when masked tokens are zeroed before each position encoding and kept
-        out of the keys of every attention."""
-        outputs = []
-        for embed, drop, blocks, pos_block, stage_layout in zip(
-                self.patch_embeds, self.pos_drops, self.blocks, self.pos_block, layout.stages):
-            if stage_layout.merge_index is None:
-                x = self.embed_visible_patches(x, stage_layout)
-            else:  # strided patch embedding of each token's 2x2 children
-                x = embed.norm(_conv_as_linear(embed.proj, gather_children(x, stage_layout.merge_index)))
-            x = drop(x)
-            for j, block in enumerate(blocks):
-                x = self._block_visible(block, x, stage_layout)
-                if j == 0:
-                    x = self._pos_conv_visible(pos_block, x, stage_layout)
-            outputs.append(x)
-        return outputs
+    def _merge_visible(self, stage: int, children: torch.Tensor) -> torch.Tensor:
+        """Strided patch embedding (kernel = stride = 2) of each token's 2x2 children, in raster order."""
+        embed = self.patch_embeds[stage]
+        return embed.norm(_conv_as_linear(embed.proj, children))
+
+    def _stage_visible(self, stage: int, x: torch.Tensor, layout: StageLayout) -> torch.Tensor:
+        """The stage's position dropout and blocks on visible tokens, the position encoding after the first block
+        (masked tokens count as zeros before each position encoding)."""
+        x = self.pos_drops[stage](x)
+        for j, block in enumerate(self.blocks[stage]):
+            x = self._block_visible(block, x, layout)
+            if j == 0:
+                x = self._pos_conv_visible(self.pos_block[stage], x, layout)
+        return x
 
     def forward_masked_dense(self, x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
         """Dense forward of images ``[B, C, H, W]`` with the patch embeddings of masked units (``mask``, bool
@@ -141,6 +138,11 @@ class GreenTwins(VisibleEncoderMixin, Twins):
 def _original_to_timm(state_dict, model):
     """Twins' original key layout (Meituan-AutoML/Twins) is timm's: nothing to rename."""
     return state_dict
+
+
+def _check_not_resampled(state_dict, model: GreenTwins) -> None:
+    """Twins' only resampled weight would be the pixel patch embedding (timm's Twins filter resamples nothing)."""
+    check_patch_not_resampled(state_dict, model, 'patch_embeds.0.proj.weight')
 
 
 def _create_green_twins(variant: str, pretrained: bool = False, **kwargs) -> GreenTwins:
@@ -176,7 +178,8 @@ def _describe(model: GreenTwins) -> str:
 TWINS = register_family(ModelFamily(
     name='Twins', hub_tag='twins', model_class=GreenTwins,
     models=tuple(f'green_twins_{kind}_{size}' for kind in ('svt', 'pcpvt') for size in ('small', 'base', 'large')),
-    original_to_timm=_original_to_timm, describe=_describe, features_shape='[1, H/32 * W/32, C]'))
+    original_to_timm=_original_to_timm, check_not_resampled=_check_not_resampled, describe=_describe,
+    features_shape='[1, H/32 * W/32, C]'))
 
 default_cfgs = generate_default_cfgs(pretrained_cfgs(TWINS.models, _cfg()))
 

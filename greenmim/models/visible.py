@@ -3,8 +3,12 @@
 
 A family subclasses its timm model and :class:`VisibleEncoderMixin`, and says what its stages are
 (:meth:`~VisibleEncoderMixin.stage_specs`), which module embeds the pixels
-(:meth:`~VisibleEncoderMixin.first_patch_embed`) and how its encoder runs on visible tokens
-(:meth:`~VisibleEncoderMixin._encode_visible`).
+(:meth:`~VisibleEncoderMixin.first_patch_embed`; or the hooks built on it: :meth:`~VisibleEncoderMixin.image_size`,
+:meth:`~VisibleEncoderMixin.pixel_patch_size`, :meth:`~VisibleEncoderMixin.embed_visible_patches`) and how each
+stage runs on visible tokens (:meth:`~VisibleEncoderMixin._merge_visible`, :meth:`~VisibleEncoderMixin._stage_visible`;
+or the whole :meth:`~VisibleEncoderMixin._encode_visible`). Besides, :class:`greenmim.GreenMIM` and
+:class:`greenmim.SimMIM` use the timm model's ``norm`` (the final norm), ``num_features``, ``in_chans``,
+``no_weight_decay`` and :meth:`~VisibleEncoderMixin.forward_masked_dense`.
 """
 from typing import List, Optional, Tuple
 
@@ -59,6 +63,14 @@ class VisibleEncoderMixin:
         """The patch embedding of the pixels (timm ``PatchEmbed``: ``img_size``, ``patch_size``, ``proj``, ``norm``)."""
         raise NotImplementedError
 
+    def image_size(self) -> Tuple[int, int]:
+        """``(H, W)``: the image size the model is built for."""
+        return tuple(self.first_patch_embed().img_size)
+
+    def pixel_patch_size(self) -> int:
+        """Side in pixels of the first stage's tokens."""
+        return self.first_patch_embed().patch_size[0]
+
     @property
     def mask_grid_size(self) -> Tuple[int, int]:
         """``(Hm, Wm)``: the mask-unit grid, the token grid of the last stage."""
@@ -69,7 +81,7 @@ class VisibleEncoderMixin:
         """Side in pixels of a mask unit: the encoder's total stride (32 for Swin and Twins), the pixel patch times 2
         for each stage that merges 2x2 tokens of the previous one (known for any image size, unlike the grids)."""
         merges = sum(spec.merges_previous_stage for spec in self.layout_specs)
-        return self.first_patch_embed().patch_size[0] << merges
+        return self.pixel_patch_size() << merges
 
     def forward_visible(
             self,
@@ -94,7 +106,32 @@ class VisibleEncoderMixin:
         return self._encode_visible(x, self.resolve_layout(x, mask, layout))
 
     def _encode_visible(self, x: torch.Tensor, layout: VisibleLayout) -> List[torch.Tensor]:
-        """The family's encoder on the visible tokens of images ``x`` laid out by ``layout`` (checked)."""
+        """The encoder on the visible tokens of images ``x`` laid out by ``layout`` (checked): per stage, the
+        visible patch embedding (first stage) or :meth:`_merge_visible` of each token's children, then
+        :meth:`_stage_visible`; the stage outputs ``[B, N_s, C_s]``."""
+        outputs = []
+        for i, stage_layout in enumerate(layout.stages):
+            if stage_layout.merge_index is None:
+                x = self.embed_visible_patches(x, stage_layout)
+            else:
+                x = self._merge_visible(i, gather_children(x, stage_layout.merge_index))
+            x = self._stage_visible(i, x, stage_layout)
+            outputs.append(x)
+        return outputs
+
+    def _merge_visible(self, stage: int, children: torch.Tensor) -> torch.Tensor:
+        """Stage ``stage``'s embedding of the previous stage's tokens: ``children [B, N, f * f * C]`` (each token's
+        children concatenated in its spec's ``children_order``) -> ``[B, N, C_s]``."""
+        raise NotImplementedError
+
+    def _stage_visible(self, stage: int, x: torch.Tensor, layout: StageLayout) -> torch.Tensor:
+        """The blocks of stage ``stage`` on its visible tokens ``[B, N, C_s]`` laid out by ``layout``."""
+        raise NotImplementedError
+
+    def forward_masked_dense(self, x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+        """Dense forward of images ``[B, C, H, W]`` with the patch embeddings of masked units (``mask``, bool
+        ``[Hm, Wm]`` or per image ``[B, Hm, Wm]``, True = visible) replaced by ``mask_token [E]`` (SimMIM): the
+        final-stage features after the final norm, ``[B, C_out, Hm, Wm]``."""
         raise NotImplementedError
 
     def check_images(self, x: torch.Tensor) -> None:
@@ -107,7 +144,7 @@ class VisibleEncoderMixin:
         unit = self.mask_unit_size
         if h % unit or w % unit:
             raise ValueError(f'image size {h}x{w} is not a multiple of the {unit}-pixel mask unit')
-        img_size = tuple(self.first_patch_embed().img_size)
+        img_size = self.image_size()
         if (h, w) != img_size:
             raise ValueError(f'image size {h}x{w} does not match the model ({img_size[0]}x{img_size[1]}); '
                              f'create the model with img_size=({h}, {w})')
@@ -188,7 +225,8 @@ class VisibleEncoderMixin:
 
     def embed_visible_patches(self, x: torch.Tensor, layout: StageLayout) -> torch.Tensor:
         """:meth:`first_patch_embed` of the visible patches: images ``[B, C, H, W] -> [B, N, E]`` (the conv as a
-        GEMM over the gathered patches, in the weight's ``(c, kh, kw)`` order), then its norm."""
+        GEMM over the gathered patches, in the weight's ``(c, kh, kw)`` order), then its norm. A family whose pixel
+        embedding is not a timm ``PatchEmbed`` overrides this, :meth:`image_size` and :meth:`pixel_patch_size`."""
         b, c, _, _ = x.shape
         embed = self.first_patch_embed()
         ph, pw = embed.patch_size
