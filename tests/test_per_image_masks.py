@@ -277,17 +277,19 @@ def test_pretrain_mask_mode_image_runs_and_resumes(tmp_path):
         pretrain(tiny_pretrain_config(tmp_path / 'full', data=str(photos), epochs=3, resume=str(tmp_path / 'full')))
 
 
-def test_pretrain_per_image_layouts_come_from_the_loader(tmp_path, monkeypatch):
-    """``--mask-mode image`` builds each micro-batch's masks and layout in the loader (DataLoader workers), from a
-    seed of the micro-batch's position: the same losses with 2 workers and with none, and the training step never
-    lays out a mask itself."""
-    photos = copy_photos(tmp_path / 'photos', 12)
-    config = dict(data=str(photos), epochs=2, mask_mode='image', accum_iter=1)
-    workers = pretrain(tiny_pretrain_config(tmp_path / 'workers', num_workers=2, **config))
-
+@pytest.mark.parametrize('mask_mode', ['batch', 'image'])
+def test_pretrain_masks_and_layouts_come_from_the_loader(tmp_path, monkeypatch, mask_mode):
+    """Both mask modes draw each micro-batch's masks and build their layout in the loader (DataLoader workers, the
+    collate's own builder), from a seed of the micro-batch's position: the model's own mask sampling and layout
+    builder are never called, and 2 workers give the losses of none."""
     def refuse(*args, **kwargs):
-        raise AssertionError('the training process built a layout')
+        raise AssertionError('the training process drew a mask or built a layout')
     monkeypatch.setattr(greenmim.models.visible.VisibleEncoderMixin, 'visible_layout', refuse)
+    monkeypatch.setattr(greenmim.models.visible, 'build_visible_layout', refuse)
+    monkeypatch.setattr(greenmim.GreenMIM, 'sample_mask', refuse)
+    photos = copy_photos(tmp_path / 'photos', 12)
+    config = dict(data=str(photos), epochs=2, mask_mode=mask_mode, accum_iter=1)
+    workers = pretrain(tiny_pretrain_config(tmp_path / 'workers', num_workers=2, **config))
     in_process = pretrain(tiny_pretrain_config(tmp_path / 'main', num_workers=0, **config))
     assert len(workers.losses) == 6 and workers.losses == in_process.losses
 
