@@ -96,7 +96,7 @@ def test_simmim_swinv2_checkpoint_converts_exactly(tmp_path):
                tmp_path / 'swinv2_base_1k_500k.pth')
     out = tmp_path / 'converted.safetensors'
     assert main(['convert', str(tmp_path / 'swinv2_base_1k_500k.pth'), str(out), '--model', MODEL,
-                 '--model-kwargs', '{"embed_dim": 16, "depths": [2, 2, 2, 2], "num_heads": [1, 2, 2, 4]}']) == 0
+                 '--model-kwargs', 'embed_dim=16', 'depths=(2,2,2,2)', 'num_heads=(1,2,2,4)']) == 0
     converted = safetensors.torch.load_file(out)
     check_exact(source, converted)
     with safetensors.safe_open(out, 'pt') as f:

@@ -303,7 +303,9 @@ def test_pretrain_cli_mask_mode_flag(tmp_path):
             '--output-dir', str(tmp_path / 'run')]
     assert main(args + ['--mask-mode', 'image']) == 0
     assert json.loads((tmp_path / 'run' / 'config.json').read_text())['mask_mode'] == 'image'
-    assert main(args + ['--mask-mode', 'pixel', '--output-dir', str(tmp_path / 'bad')]) == 2  # a bad setting
+    with pytest.raises(SystemExit) as refused:  # a value outside the flag's choices: argparse's one-line error
+        main(args + ['--mask-mode', 'pixel', '--output-dir', str(tmp_path / 'bad')])
+    assert refused.value.code == 2 and not (tmp_path / 'bad').exists()
 
 
 def test_benchmark_smoke(tmp_path):
