@@ -39,8 +39,11 @@ if code == 0:
         print('called', sys.argv[2], name)
     for name in timm.list_models('green_*'):
         for test in sys.argv[1].split(','):
-            getattr(suite, test)(name, 1)
-            print('called', test, name)
+            try:
+                getattr(suite, test)(name, 1)
+                print('called', test, name)
+            except pytest.skip.Exception as skipped:  # as pytest reports a skip: e.g. a fixed size above the limit
+                print('skipped', test, name, skipped)
 sys.exit(code)
 """
 
@@ -86,5 +89,5 @@ def test_timm_model_suite_passes_on_every_green_model(tmp_path):
         if missing == ['test_model_default_cfgs'] and f'called {NON_STD_CFG_TEST} {model}.' in done.stdout:
             missing = []
         assert not missing, f'{model}: timm tests that did not run and pass: {missing}'
-        for test in BY_MODULE:
-            assert f'called {test} {model}' in done.stdout
+        for test in BY_MODULE:  # called, or skipped by timm's own rule (as its own runner would report)
+            assert f'called {test} {model}\n' in done.stdout or f'skipped {test} {model} ' in done.stdout, test

@@ -149,7 +149,9 @@ def print_summary(summary: TrainSummary, output_dir: Path, metrics: Sequence[str
           for name in metrics if name in last),
         f'  images skipped (unreadable or smaller than the minimum size): {summary.images_skipped}',
         '' if summary.graphs_compiled is None else '  torch.compile: ' + (
-            'compiled once' if summary.graphs_compiled == 1 else f'{summary.graphs_compiled} graphs compiled'),
+            'compiled once' if summary.graphs_compiled == 1 else 'no compilation (a graph compiled earlier in this '
+            'process served every step)' if summary.graphs_compiled == 0 else
+            f'{summary.graphs_compiled} graphs compiled (recompiled)'),
         f'  last checkpoint: {summary.last_checkpoint}',
         f'  best checkpoint: {summary.best_checkpoint}',
         *extra,
