@@ -39,7 +39,7 @@ from greenmim.train.run import create_model
 from greenmim.train.transforms import eval_transform
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import write_result  # noqa: E402
+from common import environment, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIRS = (ROOT / 'shared' / 'data' / 'cifar10', ROOT.parent / 'shared' / 'data' / 'cifar10')
@@ -265,9 +265,10 @@ def main(argv=None) -> dict:
     data = dict(pretrain=parquet_subset(data_dir / 'train.parquet', preset.pretrain_images, work / 'pretrain.parquet'),
                 finetune=parquet_subset(data_dir / 'train.parquet', preset.finetune_images, work / 'finetune.parquet'),
                 test=parquet_subset(data_dir / 'test.parquet', preset.test_images, work / 'test.parquet'))
-    result = dict(status='running', preset=name, config=asdict(preset), model=MODEL, data_dir=str(data_dir),
+    result = dict(status='running', code_commit=environment()['commit'],  # env.commit: HEAD at the last write
+                  preset=name, config=asdict(preset), model=MODEL, data_dir=str(data_dir),
                   command='python ' + ' '.join([os.path.relpath(__file__, ROOT)] + (argv or sys.argv[1:])),
-                  pretrain_recipe=pretrain_config.__doc__.split('\n    ')[0].strip(),
+                  pretrain_recipe=' '.join(pretrain_config.__doc__.split()),
                   finetune_recipe=' '.join(finetune_config.__doc__.split()),
                   pretrain={}, runs=[], summary=compare([]), phases=[])
     started = time.perf_counter()
