@@ -9,18 +9,17 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_mim_step import _build, _flops, _images  # noqa: E402
+from bench_mim_step import StepRunner  # noqa: E402
 from common import write_result  # noqa: E402
 
 
 def flops_ratio(model: str, batch_size: int, device: str = 'cpu') -> dict:
     """FLOPs per step of SimMIM and GreenMIM around ``model`` at its image size, and their ratio."""
-    flops = {}
-    for method in ('SimMIM', 'GreenMIM'):
-        mim, _ = _build(method, model, device)
-        flops[method] = _flops(mim, _images(mim, batch_size, device))
+    runners = {m: StepRunner(m, model, device, batch_size, 'none', masks=1) for m in ('SimMIM', 'GreenMIM')}
+    flops = {m: runner.flops() for m, runner in runners.items()}
     per_method = {f'{m}_flops_per_step': f for m, f in flops.items()}
-    return dict(model=model, image_size='x'.join(map(str, mim.encoder.patch_embed.img_size)), batch_size=batch_size,
+    size = runners['GreenMIM'].images.shape[-2:]
+    return dict(model=model, image_size='x'.join(map(str, size)), batch_size=batch_size,
                 **per_method, flops_ratio=flops['GreenMIM'] / flops['SimMIM'])
 
 

@@ -152,3 +152,16 @@ def test_gpu_compiled_kernels_match_dense(name, monkeypatch):
     total.backward()
     for n, g in grads.items():
         assert rel_err(g, dict(model.named_parameters())[n].grad) < 1e-3, n
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = perturbed('green_swinv2_tiny_window8_256', **NARROW)
+    mask = random_mask((8, 8), 0.75, torch.Generator().manual_seed(7))
+    x = torch.randn(1, 3, 256, 256)
+    grads = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        model.forward_visible(x, mask)[-1].square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and all(torch.allclose(grads[0][n], grads[1][n]) for n in grads[0])
