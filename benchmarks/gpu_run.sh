@@ -9,7 +9,7 @@
 # Part 1 -- the static, compile-once step (run it first):
 #   1. install the project (no dependency changes)                                              -> run.log
 #   2. `pytest -m gpu`: compiled kernels vs the float64 reference (attention at Swin-B shapes on exact and static
-#      layouts, deterministic bias gradients; sparse conv at Twins-L shapes)                    -> pytest_gpu.log
+#      layouts, deterministic bias gradients; sparse conv at Twins-L shapes; SwinV2-B vs dense) -> pytest_gpu.log
 #   3. GreenMIM vs SimMIM, Swin-B, batch 128, bf16: eager, and compiled once replayed as CUDA graphs; step time,
 #      GPU kernel time per step (wall / kernel: host-bound or not), peak memory, compilations  -> mim_step_gpu.json
 #   4. Nsight Compute on the three attention kernels and the sparse conv at stage-1 shapes: DRAM bandwidth,
@@ -56,6 +56,7 @@ if [ "$PART" = 1 ]; then
   fi
   echo "=== gpu tests ($(date -u +%T), limit 110s)" >> "$LOG"
   timeout 110 python -m pytest -m gpu -q -rs tests/test_group_attention_kernel.py tests/test_sparse_conv_kernel.py \
+    tests/test_green_swinv2.py \
     > "$OUT/pytest_gpu.log" 2>&1
   echo "gpu-tests rc=$?" | tee -a "$OUT/status.txt" >> "$LOG"
   step mim-step-swin-b 270 python benchmarks/bench_mim_step.py --models green_swin_base --modes eager cuda-graphs \
