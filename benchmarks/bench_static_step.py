@@ -20,7 +20,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import timm
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -158,5 +157,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    np.set_printoptions(precision=3)
     main()
